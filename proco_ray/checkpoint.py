@@ -1,0 +1,74 @@
+"""Training checkpoints: everything an exact resume needs, in one file inside a directory.
+
+The directory is what Ray Train's `Checkpoint.from_directory` carries to the
+run's storage; the same layout is read by `proco-ray evaluate` and by a plain
+process resuming without Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "class_names", "model", "method", "epoch", "global_step")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or made for another model."""
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` atomically (a temporary file renamed into place) and return the directory."""
+    missing = [k for k in REQUIRED_KEYS if k != "format_version" and k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint state lacks {missing}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / (CHECKPOINT_FILE + ".partial")
+    torch.save({"format_version": FORMAT_VERSION, **state}, partial)
+    partial.replace(directory / CHECKPOINT_FILE)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint directory, failing with a message that says what is wrong with it."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {CHECKPOINT_FILE} in checkpoint directory {directory}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a proco_ray checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a proco_ray checkpoint: it lacks {missing}")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['format_version']}, this proco_ray reads {FORMAT_VERSION}"
+        )
+    return state
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any], class_names: list[str]) -> None:
+    """Refuse to resume into a different network or label set."""
+    saved_model, model = state["config"]["model"], config["model"]
+    for key in ("arch", "small_input", "feat_dim", "hidden_dim"):
+        if saved_model.get(key) != model.get(key):
+            raise CheckpointError(
+                f"checkpoint is incompatible: model.{key} is {saved_model.get(key)!r} there, {model.get(key)!r} here"
+            )
+    if state["config"]["method"]["name"] != config["method"]["name"]:
+        raise CheckpointError(
+            f"checkpoint is incompatible: it was trained with method '{state['config']['method']['name']}', "
+            f"not '{config['method']['name']}'"
+        )
+    if list(state["class_names"]) != list(class_names):
+        raise CheckpointError(
+            f"checkpoint is incompatible: its classes are {list(state['class_names'])}, the data's are {list(class_names)}"
+        )

@@ -1,0 +1,44 @@
+"""The `proco-ray` command: one subcommand per step, each living in its own module.
+
+Each module named below provides `add_arguments(parser)` and `run(args) -> int`;
+it is imported only when its subcommand runs, so `proco-ray storage` does not
+pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("proco_ray.demo", "run the main job end to end on embedded defaults"),
+    "storage": ("proco_ray.storage", "start, stop or inspect the local S3 server (SeaweedFS)"),
+    "prepare": ("proco_ray.prepare", "ingest a dataset into Parquet shards in object storage"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: proco-ray COMMAND [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'proco-ray COMMAND --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"proco-ray: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"proco-ray {command}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)

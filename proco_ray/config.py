@@ -1,0 +1,217 @@
+"""Explicit run configuration: dataclasses loaded from YAML with strict keys.
+
+Every key is checked: a misspelt key is an error naming it and the closest
+valid key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used as written."""
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared dataset lives and how it is fed to the model."""
+
+    uri: str = ""
+    image_size: int = 64
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    resample: bool = False
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+@dataclass
+class ModelConfig:
+    """The ProCo network: backbone, heads and the momentum key encoder."""
+
+    arch: str = "resnet50"
+    small_input: bool = False
+    feat_dim: int = 128
+    hidden_dim: int = 2048
+    pretrained: str | None = None
+    key_momentum: float = 0.999
+    batch_norm: str = "shuffle"
+    norm: str = "batch"
+
+
+@dataclass
+class MethodConfig:
+    """The training method and its hyperparameters (paper defaults)."""
+
+    name: str = "proco"
+    loss: str = "proto"
+    proto_instances: bool = True
+    recalibration: bool = True
+    gamma: int = 20
+    eps_max: float = 0.4
+    beta: float = 0.95
+    w_init: float = 0.01
+    tau: float = 0.07
+    queue_size: int = 4096
+    focal_gamma: float = 2.0
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    drw_start_fraction: float = 0.8
+    drw_beta: float = 0.9999
+    ohem_keep_ratio: float = 0.5
+    supcon_temperature: float = 0.1
+    pretrain_fraction: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a cosine schedule with linear warm-up."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 1000
+    warmup_epochs: int = 10
+    amp: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Where and how the run executes."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    seed: int = 0
+    storage_path: str = "./runs"
+    name: str = "proco"
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    log_every_steps: int = 10
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    args = typing.get_args(annotation)
+    if args and type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, path)
+        else:
+            kwargs[key] = _coerce(value, annotation, path)
+    return cls(**kwargs)
+
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a Config, refusing unknown keys and values of the wrong type."""
+    return _build(Config, values, "")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Turn ['method.gamma=10', 'train.num_workers=2'] into a nested dict (YAML-typed values)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values of `update` win."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    values = merge(values, parse_overrides(overrides))
+    return config_from_dict(values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,336 @@
+"""The registry of training methods: ProCo with its ablation switches, and the paper's baselines.
+
+A method owns its loss and any state that must travel with a checkpoint (ProCo's
+queue and recalibration weights), builds the network it trains, and says in
+which stages it trains (the CL baselines train in two). The training loop only
+calls `training_loss` and knows nothing of the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from proco_ray import distributed
+from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.losses import (
+    LDAMLoss,
+    PrototypeRecalibration,
+    adversarial_negatives,
+    adversarial_positives,
+    drw_class_weights,
+    focal_loss,
+    ohem_loss,
+    proto_loss,
+    supcon_loss,
+    supervised_infonce,
+)
+from proco_ray.model import Classifier, ProCoNetwork
+from proco_ray.queue import SampleQueue
+
+Batch = dict[str, Tensor]
+PROCO_LOSSES = ("proto", "ce", "infonce")
+
+@dataclass(frozen=True)
+class Stage:
+    """A phase of training with its own epochs, sampling and trainable parameters."""
+
+    name: str
+    epochs: int
+    resample: bool
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    logs: dict[str, Tensor]
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+class Method(nn.Module):
+    """Base class: single-stage, instance-balanced, all parameters trainable, logits from `classify`."""
+
+    name = ""
+    resample = False
+    two_views = False
+    find_unused_parameters = False
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if len(class_counts) != num_classes:
+            raise ValueError(f"class_counts must have {num_classes} entries, got {len(class_counts)}")
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.num_classes = num_classes
+        self.class_counts = [int(c) for c in class_counts]
+
+    def build_model(self) -> nn.Module:
+        m = self.model_cfg
+        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm)
+
+    def stages(self, epochs: int) -> list[Stage]:
+        return [Stage("main", epochs, self.resample)]
+
+    def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
+        return (p for p in unwrap(model).parameters() if p.requires_grad)
+
+    def enter_stage(self, model: nn.Module, stage: Stage) -> None:
+        """Hook for stage-specific freezing; called before the stage's first epoch."""
+
+    def reseed(self, seed: int, device: torch.device) -> None:
+        """Seed the method's own random draws; the same seed on every rank keeps ranks in step."""
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, images: Tensor) -> Tensor:
+        return unwrap(model).classify(images)
+
+def _labelled_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    return model(batch["view_q"]), batch["label"]
+
+class CrossEntropy(Method):
+    """CE with instance-balanced sampling."""
+
+    name = "ce"
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        logits, labels = _labelled_logits(model, batch)
+        loss = F.cross_entropy(logits, labels)
+        return LossOutput(loss, {"ce": loss.detach()})
+
+class CrossEntropyResample(CrossEntropy):
+    """CE with class-balanced sampling (the sampling itself lives in the data pipeline)."""
+
+    name = "ce_resample"
+    resample = True
+
+class Focal(Method):
+    name = "focal"
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        logits, labels = _labelled_logits(model, batch)
+        loss = focal_loss(logits, labels, gamma=self.cfg.focal_gamma)
+        return LossOutput(loss, {"focal": loss.detach()})
+
+class LDAMDRW(Method):
+    """LDAM margins throughout; class-balanced re-weighting deferred to the last part of training."""
+
+    name = "ldam_drw"
+    class_weights: Tensor
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if not 0.0 <= cfg.drw_start_fraction <= 1.0:
+            raise ValueError(f"method.drw_start_fraction must lie in [0, 1], got {cfg.drw_start_fraction}")
+        self.ldam = LDAMLoss(self.class_counts, cfg.ldam_max_margin, cfg.ldam_scale)
+        self.register_buffer("class_weights", drw_class_weights(self.class_counts, cfg.drw_beta))
+        self.drw_start_epoch = 0
+
+    def stages(self, epochs: int) -> list[Stage]:
+        self.drw_start_epoch = int(math.floor(self.cfg.drw_start_fraction * epochs))
+        return super().stages(epochs)
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        logits, labels = _labelled_logits(model, batch)
+        weight = self.class_weights if epoch >= self.drw_start_epoch else None
+        loss = self.ldam(logits, labels, weight=weight)
+        return LossOutput(loss, {"ldam": loss.detach()})
+
+class OHEM(Method):
+    name = "ohem"
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if not 0.0 < cfg.ohem_keep_ratio <= 1.0:
+            raise ValueError(f"method.ohem_keep_ratio must lie in (0, 1], got {cfg.ohem_keep_ratio}")
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        logits, labels = _labelled_logits(model, batch)
+        loss = ohem_loss(logits, labels, self.cfg.ohem_keep_ratio)
+        return LossOutput(loss, {"ohem": loss.detach()})
+
+class SupConLinear(Method):
+    """CL (Marrakchi et al. 2021): SupCon pre-training, then a linear classifier on the frozen backbone."""
+
+    name = "cl"
+    two_views = True
+    find_unused_parameters = True
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if not 0.0 < cfg.pretrain_fraction < 1.0:
+            raise ValueError(f"method.pretrain_fraction must lie in (0, 1), got {cfg.pretrain_fraction}")
+
+    def stages(self, epochs: int) -> list[Stage]:
+        if epochs < 2:
+            raise ValueError(f"method '{self.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
+        pretrain = min(max(1, round(self.cfg.pretrain_fraction * epochs)), epochs - 1)
+        return [Stage("pretrain", pretrain, False), Stage("linear", epochs - pretrain, self.resample)]
+
+    def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
+        inner = unwrap(model)
+        if stage.name == "linear":
+            return iter(inner.fc.parameters())
+        return (p for name, p in inner.named_parameters() if not name.startswith("fc."))
+
+    def enter_stage(self, model: nn.Module, stage: Stage) -> None:
+        if stage.name == "linear":
+            unwrap(model).backbone.requires_grad_(False)
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        labels = batch["label"]
+        if stage.name == "pretrain":
+            views = torch.stack([model(batch["view_q"], project=True), model(batch["view_k"], project=True)], dim=1)
+            loss = supcon_loss(views, labels, self.cfg.supcon_temperature)
+            return LossOutput(loss, {"supcon": loss.detach()})
+        inner = unwrap(model)
+        inner.backbone.eval()
+        loss = F.cross_entropy(model(batch["view_q"]), labels)
+        return LossOutput(loss, {"ce": loss.detach()})
+
+class SupConLinearResample(SupConLinear):
+    """CL+resample: class-balanced sampling in the linear stage."""
+
+    name = "cl_resample"
+    resample = True
+
+class ProCo(Method):
+    """ProCo (MICCAI 2022): proto-loss over the queue, the batch's keys, proto-instances and recalibrated logits."""
+
+    name = "proco"
+    two_views = True
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if cfg.loss not in PROCO_LOSSES:
+            raise ValueError(f"method.loss must be one of {PROCO_LOSSES}, got '{cfg.loss}'")
+        if isinstance(cfg.gamma, bool) or not isinstance(cfg.gamma, int) or cfg.gamma < 0:
+            raise ValueError(f"method.gamma must be a non-negative integer, got {cfg.gamma!r}")
+        if not 0.0 <= cfg.eps_max < 1.0:
+            raise ValueError(f"method.eps_max (E) must lie in [0, 1), got {cfg.eps_max}")
+        if cfg.tau <= 0:
+            raise ValueError(f"method.tau must be > 0, got {cfg.tau}")
+        if cfg.queue_size < 0:
+            raise ValueError(f"method.queue_size must be >= 0, got {cfg.queue_size}")
+        self.find_unused_parameters = cfg.loss == "ce"
+        self.queue = SampleQueue(cfg.queue_size, model_cfg.feat_dim)
+        self.recalibration = PrototypeRecalibration(num_classes, cfg.beta, cfg.w_init)
+        self._eps_generator: torch.Generator | None = None
+
+    def reseed(self, seed: int, device: torch.device) -> None:
+        self._eps_generator = torch.Generator(device=device).manual_seed(seed)
+
+    def _draw_eps(self, batch: int, device: torch.device) -> Tensor:
+        """eps ~ U(0, E) for the global batch from a generator shared by all ranks; this rank's rows.
+
+        Drawing for the whole global batch makes a run on W workers draw exactly
+        what one worker with the same global batch draws.
+        """
+        world, index = distributed.world_size(), distributed.rank()
+        generator = self._eps_generator
+        if generator is None or generator.device.type != torch.device(device).type:
+            generator = self._eps_generator = torch.Generator(device=device).manual_seed(0)
+        full = torch.rand(world * batch, self.cfg.gamma, generator=generator, device=device)
+        return full[index * batch : (index + 1) * batch] * self.cfg.eps_max
+
+    @property
+    def uses_proto_instances(self) -> bool:
+        return self.cfg.proto_instances and self.cfg.gamma > 0 and self.cfg.loss == "proto"
+
+    def build_model(self) -> nn.Module:
+        m = self.model_cfg
+        return ProCoNetwork(
+            self.num_classes,
+            m.arch,
+            m.small_input,
+            m.feat_dim,
+            m.hidden_dim,
+            m.pretrained,
+            m.key_momentum,
+            m.batch_norm,
+            m.norm,
+        )
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        labels = batch["label"]
+        if self.cfg.loss == "ce":
+            out = model(batch["view_q"])
+            loss = F.cross_entropy(out["logits"], labels)
+            return LossOutput(loss, {"ce": loss.detach()})
+        out = model(batch["view_q"], batch["view_k"])
+        keys, key_labels, key_preds = SampleQueue.gather(out["k"], labels, out["key_preds"])
+        queue_feats, queue_labels, queue_preds = self.queue.contents()
+        bank = torch.cat([queue_feats.to(keys.dtype), keys])
+        bank_labels = torch.cat([queue_labels, key_labels])
+        bank_preds = torch.cat([queue_preds, key_preds])
+        q = out["q"]
+        contrast = q @ bank.T / self.cfg.tau
+        same = labels[:, None] == bank_labels[None, :]
+        if self.cfg.loss == "infonce":
+            nce = supervised_infonce(contrast, same).mean()
+            ce = F.cross_entropy(out["logits"], labels)
+            logs = {"infonce": nce.detach(), "ce": ce.detach()}
+            loss = nce + ce
+        else:
+            loss, logs = self._proto_loss(q, out["logits"], out["prototypes"], labels, contrast, same, bank, bank_labels, bank_preds)
+        self.queue.enqueue(keys, key_labels, key_preds)
+        logs["queue_fill"] = torch.tensor(len(self.queue) / max(1, self.queue.size))
+        return LossOutput(loss, logs)
+
+    def _proto_loss(
+        self,
+        q: Tensor,
+        logits: Tensor,
+        prototypes: Tensor,
+        labels: Tensor,
+        contrast: Tensor,
+        same: Tensor,
+        bank: Tensor,
+        bank_labels: Tensor,
+        bank_preds: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = labels.shape[0]
+        if self.cfg.recalibration:
+            self.recalibration.update(logits.detach(), labels)
+            logits = logits + self.recalibration.log_weights.to(logits.dtype)
+        own_class = F.one_hot(labels, self.num_classes).bool()
+        always = torch.ones(batch, 1, dtype=torch.bool, device=labels.device)
+        pos_parts, pos_masks = [contrast, logits.gather(1, labels[:, None])], [same, always]
+        neg_parts, neg_masks = [contrast, logits], [~same, ~own_class]
+        logs: dict[str, Tensor] = {}
+        if self.uses_proto_instances:
+            gamma = self.cfg.gamma
+            eps_neg = self._draw_eps(batch, q.device)
+            eps_pos = self._draw_eps(batch, q.device)
+            adv_neg, neg_valid = adversarial_negatives(q, bank, bank_labels, labels, prototypes, gamma, eps_neg)
+            adv_pos, pos_valid = adversarial_positives(q, bank, bank_labels, bank_preds, labels, prototypes, gamma, eps_pos)
+            neg_parts.append(torch.einsum("bk,bgk->bg", q, adv_neg.to(q.dtype)) / self.cfg.tau)
+            pos_parts.append(torch.einsum("bk,bgk->bg", q, adv_pos.to(q.dtype)) / self.cfg.tau)
+            neg_masks.append(neg_valid)
+            pos_masks.append(pos_valid)
+            logs["proto_instances_neg"] = neg_valid.float().sum(1).mean()
+            logs["proto_instances_pos"] = pos_valid.float().sum(1).mean()
+        per_sample = proto_loss(torch.cat(pos_parts, 1), torch.cat(neg_parts, 1), torch.cat(pos_masks, 1), torch.cat(neg_masks, 1))
+        loss = per_sample.mean()
+        logs["proto_loss"] = loss.detach()
+        return loss, logs
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (ProCo, CrossEntropy, CrossEntropyResample, Focal, LDAMDRW, OHEM, SupConLinear, SupConLinearResample)
+}
+
+def build_method(cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> Method:
+    """The method named by `cfg.name`, ready to build its network."""
+    if cfg.name not in METHODS:
+        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got '{cfg.name}'")
+    return METHODS[cfg.name](cfg, model_cfg, num_classes, class_counts)

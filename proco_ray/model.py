@@ -1,0 +1,188 @@
+"""Networks: the ResNet backbone, ProCo's heads G and F with prototypes and a momentum key encoder,
+and the plain classifier used by the baselines."""
+
+from __future__ import annotations
+
+import copy
+import urllib.error
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from proco_ray.distributed import batch_shuffle, batch_unshuffle
+
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BATCH_NORM_MODES = ("shuffle", "sync", "plain")
+NORM_LAYERS = ("batch", "group")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights were asked for but cannot be had."""
+
+
+def _load_pretrained(model: nn.Module, arch: str, pretrained: str) -> None:
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            state = weights.get_state_dict(progress=False)
+        except (urllib.error.URLError, OSError) as error:
+            raise PretrainedWeightsError(
+                f"cannot download the ImageNet weights of {arch} ({weights.url}): {error}. "
+                f"Download the file elsewhere and pass its local path as model.pretrained=/path/to/file.pth"
+            ) from error
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(f"model.pretrained: no weights file at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"weights in {pretrained} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def build_backbone(
+    arch: str = "resnet50", small_input: bool = False, pretrained: str | None = None, norm: str = "batch"
+) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier; returns (module giving [B, d] features, d).
+
+    `small_input` swaps the stem for a 3x3 stride-1 convolution without max-pooling,
+    the usual stem for 28-64 px images. `pretrained` is 'imagenet' (torchvision's
+    weights, which must already be in the torch hub cache when offline) or a path.
+    `norm='group'` uses GroupNorm, whose output does not depend on how the batch is
+    split across workers (and which needs no SyncBN for small per-GPU batches).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch must be one of {ARCHITECTURES}, got '{arch}'")
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"model.norm must be one of {NORM_LAYERS}, got '{norm}'")
+    norm_layer = _group_norm if norm == "group" else None
+    model = torchvision.models.get_model(arch, weights=None, norm_layer=norm_layer)
+    if pretrained:
+        _load_pretrained(model, arch, pretrained)
+    if small_input:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+
+
+class Encoder(nn.Module):
+    """f with its two heads: G (contrastive, normalised) and F (classification, Linear -> ReLU)."""
+
+    def __init__(self, backbone: nn.Module, backbone_dim: int, feat_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head_g = nn.Sequential(nn.Linear(backbone_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+        self.head_f = nn.Sequential(nn.Linear(backbone_dim, feat_dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.backbone(x)
+        return F.normalize(self.head_g(h), dim=1), self.head_f(h)
+
+
+class ProCoNetwork(nn.Module):
+    """MoCo v2 structure with ProCo's prototypes: query encoder, momentum key encoder, shared P.
+
+    `forward(view_q, view_k)` first moves the key encoder towards the query
+    encoder (theta_k = m theta_k + (1 - m) theta_q, which equals MoCo's update after
+    the previous step), then encodes both views. Call it through DDP so that
+    gradients are synchronised.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet50",
+        small_input: bool = False,
+        feat_dim: int = 128,
+        hidden_dim: int = 2048,
+        pretrained: str | None = None,
+        key_momentum: float = 0.999,
+        batch_norm: str = "shuffle",
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 0.0 <= key_momentum <= 1.0:
+            raise ValueError(f"model.key_momentum must lie in [0, 1], got {key_momentum}")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got '{batch_norm}'")
+        backbone, dim = build_backbone(arch, small_input, pretrained, norm)
+        self.encoder_q = Encoder(backbone, dim, feat_dim, hidden_dim)
+        if batch_norm == "sync":
+            self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.prototypes = nn.Parameter(torch.empty(num_classes, feat_dim))
+        nn.init.kaiming_uniform_(self.prototypes, a=5**0.5)
+        self.key_momentum = key_momentum
+        self.shuffle_keys = batch_norm == "shuffle"
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        m = self.key_momentum
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.mul_(m).add_(param_q.detach(), alpha=1.0 - m)
+
+    def classify(self, images: Tensor) -> Tensor:
+        """Test-time logits z . p_c with the raw prototypes (no recalibration)."""
+        _, z = self.encoder_q(images)
+        return z @ self.prototypes.T
+
+    @torch.no_grad()
+    def encode_keys(self, view_k: Tensor) -> tuple[Tensor, Tensor]:
+        if self.shuffle_keys:
+            shuffled, unshuffle = batch_shuffle(view_k)
+            k, z_k = self.encoder_k(shuffled)
+            return batch_unshuffle(k, unshuffle), batch_unshuffle(z_k, unshuffle)
+        return self.encoder_k(view_k)
+
+    def forward(self, view_q: Tensor, view_k: Tensor | None = None) -> dict[str, Tensor]:
+        q, z_q = self.encoder_q(view_q)
+        out = {"q": q, "z_q": z_q, "logits": z_q @ self.prototypes.T, "prototypes": self.prototypes.detach()}
+        if view_k is not None:
+            self.momentum_update()
+            k, z_k = self.encode_keys(view_k)
+            out["k"] = k
+            out["key_preds"] = (z_k @ self.prototypes.detach().T).argmax(dim=1)
+        return out
+
+
+class Classifier(nn.Module):
+    """Backbone + linear classifier for the baselines, with a projection head for SupCon pre-training."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet50",
+        small_input: bool = False,
+        feat_dim: int = 128,
+        hidden_dim: int = 2048,
+        pretrained: str | None = None,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        self.backbone, dim = build_backbone(arch, small_input, pretrained, norm)
+        self.fc = nn.Linear(dim, num_classes)
+        self.projector = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+
+    def classify(self, images: Tensor) -> Tensor:
+        return self.fc(self.backbone(images))
+
+    def forward(self, images: Tensor, project: bool = False) -> Tensor:
+        h = self.backbone(images)
+        return F.normalize(self.projector(h), dim=1) if project else self.fc(h)

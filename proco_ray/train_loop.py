@@ -1,0 +1,341 @@
+"""The per-worker training loop, free of Ray: it runs in a Ray Train worker and in a plain process.
+
+What differs between the two is passed in: the `DataFeed` (batches for this
+rank) and the `WorkerEnv` (device, how to wrap the model for data parallelism,
+where to report metrics and checkpoints, what to resume from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from proco_ray import distributed
+from proco_ray.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from proco_ray.config import Config, ConfigError
+from proco_ray.feeds import Batch, DataFeed
+from proco_ray.methods import Method, ProCo, Stage, build_method, unwrap
+from proco_ray.metrics import metrics_from_confusion
+
+Report = Callable[[dict[str, Any], "Path | None"], None]
+
+
+@dataclass
+class WorkerEnv:
+    """How this worker talks to the outside world."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module, bool], nn.Module] = lambda model, find_unused: model
+    report: Report = lambda metrics, checkpoint_dir: None
+    resume_from: Path | None = None
+    log_dir: Path | None = None
+    print_progress: bool = True
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Reseeding at every epoch from (seed, epoch, rank) makes a resumed run draw what an unbroken one draws."""
+    return int(np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(1)[0])
+
+
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when asked for; a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not distributed.is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(packed)
+    return {k: float(v) / distributed.world_size() for k, v in zip(keys, packed)}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[Batch],
+    stage: Stage,
+    epoch: int,
+    device: torch.device,
+    amp: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """One pass over this rank's batches; returns the epoch means of the method's logs (over ranks)."""
+    model.train()
+    totals: dict[str, float] = {}
+    steps, images, start, data_wait = 0, 0, time.perf_counter(), 0.0
+    iterator = iter(batches)
+    while max_steps is None or steps < max_steps:
+        waited = time.perf_counter()
+        batch = next(iterator, None)
+        data_wait += time.perf_counter() - waited
+        if batch is None:
+            break
+        batch = _to_device(batch, device)
+        with autocast_for(device, amp):
+            out = method.training_loss(model, batch, epoch, stage)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"loss became {out.loss.item()} at epoch {epoch}, step {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        images += int(batch["label"].shape[0])
+        totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
+        for key, value in out.logs.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    if steps == 0:
+        raise RuntimeError(f"epoch {epoch} produced no training batch: the training split is smaller than one batch")
+    elapsed = time.perf_counter() - start
+    logs = {f"train/{k}": v / steps for k, v in totals.items()}
+    logs = _mean_over_ranks(logs)
+    logs["train/lr"] = optimizer.param_groups[0]["lr"]
+    logs["train/images_per_s"] = images * distributed.world_size() / elapsed
+    logs["train/data_wait_share"] = data_wait / elapsed
+    logs["train/steps"] = steps
+    return logs
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    method: Method,
+    batches: Iterable[Batch],
+    device: torch.device,
+    class_names: list[str],
+    amp: bool = False,
+) -> dict[str, Any]:
+    """Metrics of this rank's share of a split, combined over ranks by summing confusion matrices."""
+    model.eval()
+    num_classes = len(class_names)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for batch in batches:
+        batch = _to_device(batch, device)
+        with autocast_for(device, amp):
+            logits = method.predict(model, batch["image"])
+        index = batch["label"] * num_classes + logits.argmax(dim=1)
+        confusion += torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
+    if distributed.is_distributed():
+        dist.all_reduce(confusion)
+    if int(confusion.sum()) == 0:
+        raise RuntimeError("evaluation saw no image: the split is empty")
+    return metrics_from_confusion(confusion.cpu().numpy(), class_names)
+
+
+def flat_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalars for reporting: the headline metrics and per-class recall by class name."""
+    out = {f"{prefix}/{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "balanced_accuracy", "qwk")}
+    for name, recall in zip(metrics["class_names"], metrics["recall"]):
+        out[f"{prefix}/recall/{name}"] = float(recall)
+    return out
+
+
+class ScalarLog:
+    """TensorBoard scalars from rank 0 (a no-op elsewhere)."""
+
+    def __init__(self, log_dir: Path | None, enabled: bool) -> None:
+        self.writer = None
+        if enabled and log_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def method_state_scalars(method: Method, class_names: list[str]) -> dict[str, float]:
+    """ProCo's recalibration weight per class and the class histogram of its queue."""
+    if not isinstance(method, ProCo):
+        return {}
+    out = {f"recalibration/{n}": float(w) for n, w in zip(class_names, method.recalibration.weights)}
+    _, labels, _ = method.queue.contents()
+    counts = torch.bincount(labels.cpu(), minlength=len(class_names))
+    out.update({f"queue/{n}": float(c) for n, c in zip(class_names, counts)})
+    return out
+
+
+def _check_device(config: Config, device: torch.device) -> None:
+    if config.model.batch_norm == "sync" and device.type != "cuda":
+        raise ConfigError("model.batch_norm=sync needs CUDA devices (SyncBatchNorm); use 'shuffle' on CPU")
+
+
+def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, Any]:
+    """Train `config.method` on `feed`, reporting every epoch; returns the last epoch's metrics."""
+    device = env.device
+    _check_device(config, device)
+    rank = distributed.rank()
+    seed_everything(epoch_seed(config.train.seed, -1))
+    method = build_method(config.method, config.model, len(feed.class_names), feed.class_counts)
+    model = method.build_model()
+    state = None
+    if env.resume_from is not None:
+        state = load_checkpoint(env.resume_from)
+        check_compatible(state, config.to_dict(), feed.class_names)
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+    model.to(device)
+    method.to(device)
+    model = env.prepare_model(model, method.find_unused_parameters)
+    start_epoch = state["epoch"] if state else 0
+    global_step = state["global_step"] if state else 0
+    log = ScalarLog(env.log_dir, enabled=rank == 0)
+    total_epochs = config.optim.epochs
+    steps_per_epoch = feed.steps_per_epoch if config.train.max_steps_per_epoch is None else min(
+        feed.steps_per_epoch, config.train.max_steps_per_epoch
+    )
+    metrics: dict[str, Any] = {}
+    offset = 0
+    run_start, epochs_run = time.perf_counter(), 0
+    try:
+        for stage in method.stages(total_epochs):
+            end = offset + stage.epochs
+            if start_epoch >= end:
+                offset = end
+                continue
+            method.enter_stage(model, stage)
+            optimizer = torch.optim.SGD(
+                method.trainable_parameters(model, stage),
+                lr=config.optim.lr,
+                momentum=config.optim.momentum,
+                weight_decay=config.optim.weight_decay,
+            )
+            warmup = min(config.optim.warmup_epochs, stage.epochs) * steps_per_epoch
+            schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=stage.epochs * steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            if state and state.get("stage") == stage.name and start_epoch > offset:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            for epoch in range(max(start_epoch, offset), end):
+                seed_everything(epoch_seed(config.train.seed, epoch, rank))
+                method.reseed(epoch_seed(config.train.seed, epoch), device)
+                train_logs = train_one_epoch(
+                    model,
+                    method,
+                    optimizer,
+                    scheduler,
+                    feed.train_batches(stage.resample, epoch),
+                    stage,
+                    epoch,
+                    device,
+                    amp=config.optim.amp,
+                    max_steps=steps_per_epoch,
+                )
+                global_step += int(train_logs["train/steps"])
+                val = evaluate(model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp)
+                metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
+                if epoch + 1 == total_epochs and config.data.test_split in feed.eval_splits:
+                    test = evaluate(
+                        model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
+                    )
+                    metrics.update(flat_metrics("test", test))
+                log.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
+                log.scalars(method_state_scalars(method, feed.class_names), epoch + 1)
+                epochs_run += 1
+                if env.print_progress and rank == 0:
+                    per_epoch = (time.perf_counter() - run_start) / epochs_run
+                    print(
+                        f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {metrics['train/loss']:.4f} "
+                        f"val acc {metrics['val/accuracy']:.3f} macro-F1 {metrics['val/macro_f1']:.3f} "
+                        f"bal-acc {metrics['val/balanced_accuracy']:.3f} | {metrics['train/images_per_s']:.0f} img/s "
+                        f"| ETA {per_epoch * (total_epochs - epoch - 1):.0f}s",
+                        flush=True,
+                    )
+                checkpoint_state = {
+                    "config": config.to_dict(),
+                    "class_names": feed.class_names,
+                    "model": unwrap(model).state_dict(),
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "stage": stage.name,
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "rng": {"seed": config.train.seed, "torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+                    "metrics": metrics,
+                }
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        env.report(metrics, save_checkpoint(tmp, checkpoint_state))
+                else:
+                    env.report(metrics, None)
+            offset = end
+    finally:
+        log.close()
+    return metrics
+
+
+class LocalCheckpoints:
+    """A `Report` for a plain process: keeps the best `keep` checkpoints by validation macro-F1 in a folder."""
+
+    def __init__(self, directory: str | Path, keep: int = 2, metric: str = "val/macro_f1") -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.metric = metric
+        self.kept: list[tuple[float, int, Path]] = []
+        self.latest: Path | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.history.append(metrics)
+        if checkpoint_dir is None:
+            return
+        import shutil
+
+        target = self.directory / f"checkpoint_epoch_{metrics['epoch']:04d}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, target)
+        self.latest = target
+        self.kept.append((float(metrics[self.metric]), int(metrics["epoch"]), target))
+        self.kept.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        for _, _, stale in self.kept[self.keep :]:
+            if stale != self.latest:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.kept = [item for item in self.kept[: self.keep]] + [i for i in self.kept[self.keep :] if i[2] == self.latest]
+
+    @property
+    def best(self) -> Path | None:
+        return self.kept[0][2] if self.kept else None

@@ -1,0 +1,78 @@
+"""The queue and the recalibration weights stay identical across real gloo processes."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from proco_ray.losses import PrototypeRecalibration
+from proco_ray.queue import SampleQueue
+
+STEPS, LOCAL_BATCH, WORLD, CLASSES, DIM, QUEUE = 5, 6, 2, 4, 8, 20
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        yield (
+            torch.randn(WORLD * LOCAL_BATCH, DIM, generator=g),
+            torch.randint(0, CLASSES - 1, (WORLD * LOCAL_BATCH,), generator=g),
+            torch.randint(0, CLASSES, (WORLD * LOCAL_BATCH,), generator=g),
+            torch.randn(WORLD * LOCAL_BATCH, CLASSES, generator=g),
+        )
+
+
+def run_steps(rank: int, world: int):
+    queue = SampleQueue(QUEUE, DIM)
+    recal = PrototypeRecalibration(CLASSES)
+    part = slice(rank * LOCAL_BATCH * WORLD // world, (rank + 1) * LOCAL_BATCH * WORLD // world)
+    for feats, labels, preds, logits in global_batches():
+        recal.update(logits[part], labels[part])
+        queue.enqueue(*SampleQueue.gather(feats[part], labels[part], preds[part]))
+    return {"queue": queue.state_dict(), "recal": recal.state_dict()}
+
+
+def worker(rank: int, port: int, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(run_steps(rank, WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_queue_and_recalibration_synchronised_across_ranks(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single = run_steps(0, 1)
+    assert int(single["queue"]["filled"]) == QUEUE
+    for state in ranks:
+        for part in ("queue", "recal"):
+            for key, value in single[part].items():
+                torch.testing.assert_close(state[part][key], value, msg=f"{part}.{key}")
+    assert not torch.allclose(single["recal"]["weights"][:3], torch.full((3,), 0.01))
+    assert single["recal"]["weights"][3] == 0.01
+
+
+def test_queue_wraps_around_for_any_size():
+    queue = SampleQueue(5, 2)
+    assert len(queue) == 0 and queue.contents()[0].shape == (0, 2)
+    seen = []
+    for step in range(4):
+        feats = torch.arange(3 * step, 3 * step + 3, dtype=torch.float32)[:, None].repeat(1, 2)
+        queue.enqueue(feats, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        seen.extend(range(3 * step, 3 * step + 3))
+    assert len(queue) == 5
+    assert sorted(queue.feats[:, 0].tolist()) == seen[-5:]
+    queue.enqueue(torch.arange(100, 107, dtype=torch.float32)[:, None].repeat(1, 2), torch.ones(7, dtype=torch.long), torch.ones(7, dtype=torch.long))
+    assert sorted(queue.feats[:, 0].tolist()) == list(range(102, 107))
+    restored = SampleQueue(5, 2)
+    restored.load_state_dict(queue.state_dict())
+    assert torch.equal(restored.feats, queue.feats) and int(restored.ptr) == int(queue.ptr)

@@ -1,0 +1,138 @@
+"""The method registry: ProCo's step and every baseline on a tiny network."""
+
+import pytest
+import torch
+
+from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.methods import METHODS, build_method, unwrap
+
+CLASSES = 3
+TINY = ModelConfig(arch="resnet18", small_input=True, feat_dim=16, hidden_dim=32, batch_norm="plain")
+
+
+def fixed_batch(seed=0, batch=12):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 16, 16, generator=g)
+    return {
+        "view_q": images + 0.1 * torch.randn(images.shape, generator=g),
+        "view_k": images + 0.1 * torch.randn(images.shape, generator=g),
+        "label": torch.arange(batch) % CLASSES,
+    }
+
+
+def make(name="proco", **overrides):
+    torch.manual_seed(0)
+    cfg = MethodConfig(name=name, gamma=4, queue_size=16, **overrides)
+    method = build_method(cfg, TINY, CLASSES, [8, 3, 1])
+    model = method.build_model()
+    return method, model
+
+
+def train_steps(method, model, steps, lr=0.05):
+    stage = method.stages(10)[0]
+    method.enter_stage(model, stage)
+    optimizer = torch.optim.SGD(method.trainable_parameters(model, stage), lr=lr, momentum=0.9)
+    batch = fixed_batch()
+    losses = []
+    for _ in range(steps):
+        out = method.training_loss(model, batch, epoch=0, stage=stage)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_proco_step_lowers_the_loss():
+    method, model = make()
+    losses = train_steps(method, model, 15)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < losses[0]
+    assert len(method.queue) == 16
+
+
+def test_gradients_reach_query_encoder_heads_and_prototypes_never_keys():
+    method, model = make()
+    stage = method.stages(10)[0]
+    method.training_loss(model, fixed_batch(), 0, stage)
+    out = method.training_loss(model, fixed_batch(1), 0, stage)
+    out.loss.backward()
+    for name in ("backbone.conv1.weight", "head_g.0.weight", "head_g.2.weight", "head_f.0.weight"):
+        grad = dict(model.encoder_q.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.prototypes.grad is not None and model.prototypes.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert out.logs["proto_instances_neg"] > 0
+
+
+def test_key_encoder_follows_query_encoder_by_momentum():
+    method, model = make()
+    before_k = model.encoder_k.head_f[0].weight.detach().clone()
+    train_steps(method, model, 2)
+    q = model.encoder_q.head_f[0].weight.detach()
+    k = model.encoder_k.head_f[0].weight.detach()
+    assert not torch.equal(k, before_k)
+    assert (k - q).abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(proto_instances=False, recalibration=False),
+        dict(proto_instances=True, recalibration=False),
+        dict(proto_instances=False, recalibration=True),
+        dict(loss="ce"),
+        dict(loss="infonce"),
+    ],
+)
+def test_proco_ablation_switches(switches):
+    method, model = make(**switches)
+    losses = train_steps(method, model, 2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    recalibrated = method.recalibration.weights
+    if switches.get("recalibration", True) and switches.get("loss", "proto") == "proto":
+        assert not torch.allclose(recalibrated, torch.full_like(recalibrated, 0.01))
+    else:
+        assert torch.allclose(recalibrated, torch.full_like(recalibrated, 0.01))
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"proco"}))
+def test_every_baseline_trains_and_predicts(name):
+    method, model = make(name)
+    stages = method.stages(10)
+    assert sum(s.epochs for s in stages) == 10
+    for stage in stages:
+        method.enter_stage(model, stage)
+        params = list(method.trainable_parameters(model, stage))
+        optimizer = torch.optim.SGD(params, lr=0.01)
+        out = method.training_loss(model, fixed_batch(), epoch=9, stage=stage)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        assert torch.isfinite(out.loss)
+    assert method.predict(model, fixed_batch()["view_q"]).shape == (12, CLASSES)
+    assert stages[-1].resample == name.endswith("_resample")
+
+
+def test_cl_linear_stage_trains_only_the_classifier():
+    method, model = make("cl")
+    linear = method.stages(10)[1]
+    method.enter_stage(model, linear)
+    assert [p.shape for p in method.trainable_parameters(model, linear)] == [p.shape for p in unwrap(model).fc.parameters()]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("gamma", -1), ("eps_max", 1.0), ("eps_max", -0.1), ("tau", 0.0), ("loss", "mse"), ("queue_size", -5)],
+)
+def test_bad_proco_settings_name_the_argument(field, value):
+    with pytest.raises(ValueError, match=field):
+        build_method(MethodConfig(**{field: value}), TINY, CLASSES, [1, 1, 1])
+
+
+def test_unknown_method_and_bad_counts():
+    with pytest.raises(ValueError, match="method.name"):
+        build_method(MethodConfig(name="mtl"), TINY, CLASSES, [1, 1, 1])
+    with pytest.raises(ValueError, match="class_counts"):
+        build_method(MethodConfig(), TINY, CLASSES, [1, 1])

@@ -1,0 +1,81 @@
+"""The per-worker loop in a plain process: epochs, metrics, checkpoints, exact resume."""
+
+import pytest
+import torch
+
+from proco_ray.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.config import load_config
+from proco_ray.feeds import tensor_feed
+from proco_ray.synthetic import generate_images
+from proco_ray.train_loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
+
+OVERRIDES = [
+    "data.image_size=16",
+    "data.batch_size=16",
+    "model.arch=resnet18",
+    "model.small_input=true",
+    "model.feat_dim=16",
+    "model.hidden_dim=32",
+    "method.gamma=4",
+    "method.queue_size=40",
+    "optim.epochs=3",
+    "optim.warmup_epochs=1",
+]
+
+
+def small_feed(seed=0):
+    images, labels = generate_images([24, 12, 6], 16, seed)
+    val = generate_images([6, 6, 6], 16, seed + 1)
+    return tensor_feed((images, labels), {"val": val, "test": val}, ["a", "b", "c"], 16, seed=seed)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["proco", "cl_resample"])
+def test_loop_reports_every_epoch_and_test_at_the_end(tmp_path, method):
+    config = load_config(None, OVERRIDES + [f"method.name={method}"])
+    reports = LocalCheckpoints(tmp_path / "ckpt", keep=1)
+    metrics = train_worker(config, small_feed(), WorkerEnv(report=reports, log_dir=tmp_path / "tb", print_progress=False))
+    assert [m["epoch"] for m in reports.history] == [1, 2, 3]
+    assert "test/macro_f1" in metrics and "test/macro_f1" not in reports.history[0]
+    assert 0.0 <= metrics["val/macro_f1"] <= 1.0
+    assert any((tmp_path / "tb").iterdir())
+    assert load_checkpoint(reports.latest)["epoch"] == 3
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = load_config(None, OVERRIDES)
+    straight = LocalCheckpoints(tmp_path / "straight", keep=3)
+    train_worker(config, small_feed(), WorkerEnv(report=straight, print_progress=False))
+
+    resumed = LocalCheckpoints(tmp_path / "resumed", keep=3)
+    from_epoch_2 = straight.directory / "checkpoint_epoch_0002"
+    train_worker(config, small_feed(), WorkerEnv(report=resumed, resume_from=from_epoch_2, print_progress=False))
+    assert [m["epoch"] for m in resumed.history] == [3]
+    a = load_checkpoint(straight.latest)
+    b = load_checkpoint(resumed.latest)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], msg=key)
+    for key in a["method"]:
+        torch.testing.assert_close(a["method"][key], b["method"][key], msg=key)
+    assert a["metrics"]["train/loss"] == pytest.approx(b["metrics"]["train/loss"], rel=1e-5)
+
+
+def test_corrupt_and_incompatible_checkpoints(tmp_path):
+    config = load_config(None, OVERRIDES + ["optim.epochs=1"])
+    reports = LocalCheckpoints(tmp_path / "ckpt")
+    train_worker(config, small_feed(), WorkerEnv(report=reports, print_progress=False))
+    other = load_config(None, OVERRIDES + ["model.feat_dim=8"])
+    with pytest.raises(CheckpointError, match="model.feat_dim"):
+        train_worker(other, small_feed(), WorkerEnv(resume_from=reports.latest, print_progress=False))
+    (reports.latest / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(reports.latest)
+    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+        load_checkpoint(tmp_path)
