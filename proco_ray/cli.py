@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("proco_ray.demo", "run the main job end to end on embedded defaults"),
     "storage": ("proco_ray.storage", "start, stop or inspect the local S3 server (SeaweedFS)"),
     "prepare": ("proco_ray.prepare", "ingest a dataset into Parquet shards in object storage"),
+    "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
+    "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
 }
 
 

@@ -25,6 +25,7 @@ class DataConfig:
     """Where the prepared dataset lives and how it is fed to the model."""
 
     uri: str = ""
+    num_classes: int | None = None
     image_size: int = 64
     batch_size: int = 128
     eval_batch_size: int = 256
@@ -96,6 +97,7 @@ class TrainConfig:
     name: str = "proco"
     keep_checkpoints: int = 2
     max_failures: int = 0
+    wait_for_autoscaler: bool = False
     log_every_steps: int = 10
     max_steps_per_epoch: int | None = None
 
@@ -198,13 +200,30 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file by path, or by name (`isic2018`, `isic2018.yaml`) from the project's configs/ folder.
+
+    The name form lets job scripts shipped alone to a cluster (`ray submit`) find
+    the configs of the installed project.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config file not found: {name} (nor in {CONFIG_DIR}, which has {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")

@@ -102,3 +102,27 @@ def tensor_feed(
             yield {"image": image, "label": torch.from_numpy(np.asarray(split_labels[index], dtype=np.int64))}
 
     return DataFeed(class_names, counts, steps, train_batches, eval_batches, set(eval_sets))
+
+
+@dataclass(frozen=True)
+class GeneratedFeed:
+    """A picklable feed factory over `proco_ray.synthetic` data: `(config, rank, world_size) -> DataFeed`.
+
+    Ray Train workers build it themselves, so tests and demos can run the real
+    TorchTrainer path without object storage.
+    """
+
+    train_counts: tuple[int, ...]
+    eval_counts: tuple[int, ...]
+    image_size: int = 16
+    seed: int = 0
+    augment: bool = True
+
+    def __call__(self, config: "Config", rank: int, world_size: int) -> DataFeed:  # noqa: F821
+        from proco_ray.synthetic import generate_images
+
+        train = generate_images(self.train_counts, self.image_size, self.seed)
+        held_out = generate_images(self.eval_counts, self.image_size, self.seed + 1)
+        names = [f"class_{c}" for c in range(len(self.train_counts))]
+        splits = {config.data.val_split: held_out, config.data.test_split: held_out}
+        return tensor_feed(train, splits, names, config.data.batch_size, rank, world_size, self.seed, self.augment)

@@ -76,8 +76,13 @@ class Method(nn.Module):
         m = self.model_cfg
         return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm)
 
+    @classmethod
+    def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
+        """The stages of a run of `epochs` epochs, known before any network is built."""
+        return [Stage("main", epochs, cls.resample)]
+
     def stages(self, epochs: int) -> list[Stage]:
-        return [Stage("main", epochs, self.resample)]
+        return self.stages_for(self.cfg, epochs)
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
         return (p for p in unwrap(model).parameters() if p.requires_grad)
@@ -133,15 +138,11 @@ class LDAMDRW(Method):
             raise ValueError(f"method.drw_start_fraction must lie in [0, 1], got {cfg.drw_start_fraction}")
         self.ldam = LDAMLoss(self.class_counts, cfg.ldam_max_margin, cfg.ldam_scale)
         self.register_buffer("class_weights", drw_class_weights(self.class_counts, cfg.drw_beta))
-        self.drw_start_epoch = 0
-
-    def stages(self, epochs: int) -> list[Stage]:
-        self.drw_start_epoch = int(math.floor(self.cfg.drw_start_fraction * epochs))
-        return super().stages(epochs)
 
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
         logits, labels = _labelled_logits(model, batch)
-        weight = self.class_weights if epoch >= self.drw_start_epoch else None
+        drw_start_epoch = math.floor(self.cfg.drw_start_fraction * stage.epochs)
+        weight = self.class_weights if epoch >= drw_start_epoch else None
         loss = self.ldam(logits, labels, weight=weight)
         return LossOutput(loss, {"ldam": loss.detach()})
 
@@ -170,11 +171,16 @@ class SupConLinear(Method):
         if not 0.0 < cfg.pretrain_fraction < 1.0:
             raise ValueError(f"method.pretrain_fraction must lie in (0, 1), got {cfg.pretrain_fraction}")
 
-    def stages(self, epochs: int) -> list[Stage]:
+    def build_model(self) -> nn.Module:
+        m = self.model_cfg
+        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm, projector=True)
+
+    @classmethod
+    def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
         if epochs < 2:
-            raise ValueError(f"method '{self.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
-        pretrain = min(max(1, round(self.cfg.pretrain_fraction * epochs)), epochs - 1)
-        return [Stage("pretrain", pretrain, False), Stage("linear", epochs - pretrain, self.resample)]
+            raise ValueError(f"method '{cls.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
+        pretrain = min(max(1, round(cfg.pretrain_fraction * epochs)), epochs - 1)
+        return [Stage("pretrain", pretrain, False), Stage("linear", epochs - pretrain, cls.resample)]
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
         inner = unwrap(model)

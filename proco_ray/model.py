@@ -163,7 +163,7 @@ class ProCoNetwork(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Backbone + linear classifier for the baselines, with a projection head for SupCon pre-training."""
+    """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head."""
 
     def __init__(
         self,
@@ -174,15 +174,22 @@ class Classifier(nn.Module):
         hidden_dim: int = 2048,
         pretrained: str | None = None,
         norm: str = "batch",
+        projector: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, dim = build_backbone(arch, small_input, pretrained, norm)
         self.fc = nn.Linear(dim, num_classes)
-        self.projector = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+        self.projector = (
+            nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim)) if projector else None
+        )
 
     def classify(self, images: Tensor) -> Tensor:
         return self.fc(self.backbone(images))
 
     def forward(self, images: Tensor, project: bool = False) -> Tensor:
         h = self.backbone(images)
-        return F.normalize(self.projector(h), dim=1) if project else self.fc(h)
+        if not project:
+            return self.fc(h)
+        if self.projector is None:
+            raise ValueError("this Classifier was built without a projection head (projector=True)")
+        return F.normalize(self.projector(h), dim=1)

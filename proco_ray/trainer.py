@@ -1,0 +1,284 @@
+"""Ray Train adapter: runs `train_loop.train_worker` in TorchTrainer workers fed by Ray Data.
+
+Everything here is glue: where batches come from (dataset shards), how the model
+is wrapped (`prepare_model`), where metrics and checkpoints go (`ray.train.report`)
+and what a restarted worker group resumes from (`ray.train.get_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from proco_ray.config import Config, ConfigError, config_from_dict, load_config, save_config
+from proco_ray.feeds import Batch, DataFeed
+from proco_ray.methods import METHODS
+from proco_ray.pipeline import Manifest, build_dataset, read_manifest
+from proco_ray.storage import is_s3, join, resolve
+from proco_ray.train_loop import WorkerEnv, train_worker
+
+TRAIN, TRAIN_RESAMPLED = "train", "train_resampled"
+CHECKPOINT_METRIC = "val/macro_f1"
+
+
+def connect_or_start_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster this process belongs to (`ray submit`, `ray job submit`, RAY_ADDRESS) or start a local one.
+
+    Returns True when a local Ray was started here.
+    """
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return False
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        return True
+
+
+def check_manifest(config: Config, manifest: Manifest) -> None:
+    """The data must hold every split the run reads, with the classes the config expects."""
+    expected = config.data.num_classes
+    if expected is not None and expected != manifest.num_classes:
+        raise ConfigError(
+            f"data.num_classes is {expected} but the dataset at {manifest.uri} has {manifest.num_classes} classes "
+            f"({manifest.classes})"
+        )
+    for split in (config.data.train_split, config.data.val_split):
+        if split not in manifest.splits:
+            raise ConfigError(f"the dataset at {manifest.uri} has no '{split}' split (it has {manifest.splits})")
+    global_batch = config.data.batch_size
+    if global_batch % config.train.num_workers:
+        raise ConfigError(
+            f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})"
+        )
+    if manifest.num_rows(config.data.train_split) < global_batch:
+        raise ConfigError(
+            f"the '{config.data.train_split}' split has {manifest.num_rows(config.data.train_split)} images, "
+            f"fewer than one batch of data.batch_size={global_batch}"
+        )
+
+
+def check_resources(config: Config) -> None:
+    """Refuse, before anything starts, a worker group the cluster cannot hold (Ray would wait forever)."""
+    if config.train.wait_for_autoscaler:
+        return
+    available = ray.cluster_resources()
+    workers = config.train.num_workers
+    need_cpu = workers * config.train.cpus_per_worker
+    if need_cpu > available.get("CPU", 0):
+        raise ConfigError(
+            f"train.num_workers={workers} x train.cpus_per_worker={config.train.cpus_per_worker} needs {need_cpu} CPUs, "
+            f"the Ray cluster has {available.get('CPU', 0):g} (set train.wait_for_autoscaler=true on an autoscaling cluster)"
+        )
+    if config.train.use_gpu and workers > available.get("GPU", 0):
+        raise ConfigError(
+            f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs, the Ray cluster has "
+            f"{available.get('GPU', 0):g} (set train.wait_for_autoscaler=true on an autoscaling cluster)"
+        )
+
+
+def _needs_resampling(config: Config) -> bool:
+    return any(stage.resample for stage in METHODS[config.method.name].stages_for(config.method, config.optim.epochs))
+
+
+def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dataset]:
+    data = config.data
+    common = dict(image_size=data.image_size, seed=config.train.seed)
+    datasets = {
+        TRAIN: build_dataset(data.uri, data.train_split, train=True, **common),
+        data.val_split: build_dataset(data.uri, data.val_split, train=False, **common),
+    }
+    if data.test_split in manifest.splits:
+        datasets[data.test_split] = build_dataset(data.uri, data.test_split, train=False, **common)
+    if _needs_resampling(config):
+        datasets[TRAIN_RESAMPLED] = build_dataset(data.uri, data.train_split, train=True, resample=True, **common)
+    return datasets
+
+
+def shard_feed(config: Config, context: dict[str, Any]) -> DataFeed:
+    """This worker's DataFeed over its Ray Data shards.
+
+    Training shards are split equally across workers, so every rank runs the same
+    number of steps; evaluation splits are not split, rank 0 evaluates all of
+    them and the confusion matrix reduction adds nothing from the other ranks.
+    """
+    world = ray.train.get_context().get_world_size()
+    rank = ray.train.get_context().get_world_rank()
+    local_batch = config.data.batch_size // world
+    train_rows = context["train_rows"]
+    steps = (train_rows // world) // local_batch
+
+    def train_batches(resample: bool, epoch: int) -> Iterator[Batch]:
+        shard = ray.train.get_dataset_shard(TRAIN_RESAMPLED if resample else TRAIN)
+        yield from shard.iter_torch_batches(batch_size=local_batch, drop_last=True)
+
+    def eval_batches(split: str) -> Iterator[Batch]:
+        if rank != 0:
+            return iter(())
+        shard = ray.train.get_dataset_shard(split)
+        return shard.iter_torch_batches(batch_size=config.data.eval_batch_size)
+
+    return DataFeed(context["classes"], context["class_counts"], steps, train_batches, eval_batches, set(context["eval_splits"]))
+
+
+class TensorBoardSync:
+    """Rank 0 writes TensorBoard files locally; for s3:// run storage they are copied up after every epoch."""
+
+    def __init__(self, run_uri: str) -> None:
+        self.remote = join(run_uri, "tensorboard")
+        self.local = Path(tempfile.mkdtemp(prefix="proco-tb-")) if is_s3(run_uri) else Path(self.remote)
+
+    def push(self) -> None:
+        if self.local == Path(self.remote):
+            return
+        import pyarrow.fs as pafs
+
+        fs, path = resolve(self.remote)
+        pafs.copy_files(str(self.local), path, destination_filesystem=fs)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The TorchTrainer entry point on every worker."""
+    config = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    feed_factory = loop_config.get("feed_factory")
+    feed = feed_factory(config, rank, context.get_world_size()) if feed_factory else shard_feed(config, loop_config)
+    tensorboard = TensorBoardSync(loop_config["run_uri"]) if rank == 0 else None
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if tensorboard is not None:
+            tensorboard.push()
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def prepare(model, find_unused: bool):
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+
+    env = WorkerEnv(
+        device=ray.train.torch.get_device(),
+        prepare_model=prepare,
+        report=report,
+        log_dir=tensorboard.local if tensorboard else None,
+        print_progress=True,
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        train_worker(config, feed, env)
+        return
+    with checkpoint.as_directory() as directory:
+        env.resume_from = Path(directory)
+        train_worker(config, feed, env)
+
+
+FeedFactory = Callable[[Config, int, int], DataFeed]
+
+
+def build_trainer(config: Config, feed_factory: FeedFactory | None = None) -> TorchTrainer:
+    """A TorchTrainer for `config`; the same call builds a trial's trainer inside Ray Tune.
+
+    By default workers read the prepared dataset at `data.uri` through Ray Data;
+    `feed_factory(config, rank, world_size)` replaces that with a feed built in
+    each worker (generated data in tests).
+    """
+    run_uri = join(config.train.storage_path, config.train.name)
+    loop_config: dict[str, Any] = {"config": config.to_dict(), "run_uri": run_uri}
+    datasets: dict[str, ray.data.Dataset] = {}
+    if feed_factory is not None:
+        loop_config["feed_factory"] = feed_factory
+    else:
+        manifest = read_manifest(config.data.uri)
+        check_manifest(config, manifest)
+        datasets = build_datasets(config, manifest)
+        loop_config.update(
+            classes=manifest.classes,
+            class_counts=manifest.class_counts(config.data.train_split),
+            train_rows=manifest.num_rows(config.data.train_split),
+            eval_splits=[s for s in datasets if s not in (TRAIN, TRAIN_RESAMPLED)],
+        )
+    storage_path = config.train.storage_path if is_s3(config.train.storage_path) else os.path.abspath(config.train.storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.train.name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.keep_checkpoints,
+                checkpoint_score_attribute=CHECKPOINT_METRIC,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in (TRAIN, TRAIN_RESAMPLED) if d in datasets]),
+    )
+
+
+def save_resolved_config(config: Config) -> str:
+    """The resolved config next to the run's checkpoints (local or s3://)."""
+    run_uri = join(config.train.storage_path, config.train.name)
+    fs, path = resolve(run_uri)
+    fs.create_dir(path, recursive=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "config.yaml"
+        save_config(config, local)
+        with fs.open_output_stream(join(path, "config.yaml")) as out:
+            out.write(local.read_bytes())
+    return join(run_uri, "config.yaml")
+
+
+def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
+    """Train on the connected Ray cluster; rerunning with the same train.name and storage resumes."""
+    check_resources(config)
+    trainer = build_trainer(config, feed_factory)
+    save_resolved_config(config)
+    return trainer.fit()
+
+
+def summarise(result: ray.train.Result, config: Config) -> dict[str, Any]:
+    """What a user wants after a run: its metrics and where its outputs are."""
+    if result.error is not None:
+        raise result.error
+    best = result.get_best_checkpoint(CHECKPOINT_METRIC, "max") if result.best_checkpoints else None
+    return {
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(("val/", "test/", "epoch"))},
+        "best_checkpoint": best.path if best else None,
+        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "tensorboard": join(config.train.storage_path, config.train.name, "tensorboard"),
+        "run": result.path,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="isic2018.yaml", help="YAML file, or a name from configs/ (default isic2018.yaml)")
+    parser.add_argument("--data", help="prepared dataset URI (sets data.uri)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.num_workers=4")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"data.uri={args.data}"] if args.data else [])
+    config = load_config(args.config, overrides)
+    if not config.data.uri:
+        raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
+    needed = config.train.num_workers * config.train.cpus_per_worker
+    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, needed + 1))
+    summary = summarise(fit(config), config)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

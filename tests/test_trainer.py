@@ -1,0 +1,89 @@
+"""ProCo under Ray Train's TorchTrainer: synchronised state across gloo workers, checkpoints, bad input."""
+
+import pytest
+import ray
+import torch
+
+from proco_ray.checkpoint import load_checkpoint
+from proco_ray.config import ConfigError, load_config
+from proco_ray.feeds import GeneratedFeed
+from proco_ray.trainer import check_resources, fit
+
+FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
+OVERRIDES = [
+    "data.image_size=16",
+    "data.batch_size=16",
+    "model.arch=resnet18",
+    "model.small_input=true",
+    "model.feat_dim=16",
+    "model.hidden_dim=32",
+    "model.norm=group",
+    "model.batch_norm=shuffle",
+    "method.gamma=4",
+    "method.queue_size=40",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+]
+
+
+def run(tmp_path, name, workers, extra=()):
+    config = load_config(None, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra))
+    return fit(config, FEED)
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(ray_local, tmp_path):
+    one = run(tmp_path, "one", 1)
+    two = run(tmp_path, "two", 2)
+    assert one.error is None and two.error is None
+    with one.checkpoint.as_directory() as a_dir, two.checkpoint.as_directory() as b_dir:
+        a, b = load_checkpoint(a_dir), load_checkpoint(b_dir)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("queue.feats", "queue.labels", "queue.preds", "queue.ptr", "recalibration.weights"):
+        torch.testing.assert_close(a["method"][key], b["method"][key], rtol=1e-4, atol=1e-5, msg=key)
+    # six SGD steps amplify float32 reduction-order differences (gradient all-reduce vs one big batch)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-3, atol=1e-3, msg=key)
+    assert one.metrics["train/loss"] == pytest.approx(two.metrics["train/loss"], rel=1e-4)
+    assert "test/macro_f1" in two.metrics
+
+
+def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
+    config = load_config(None, OVERRIDES + ["train.num_workers=64"])
+    with pytest.raises(ConfigError, match="num_workers=64"):
+        check_resources(config)
+    gpus = load_config(None, OVERRIDES + ["train.use_gpu=true"])
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(ConfigError, match="GPUs"):
+            check_resources(gpus)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
+    """SIGKILL a worker once the epoch-1 checkpoint is registered; the run resumes instead of starting over."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    killed = []
+
+    def kill_after_second_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list((tmp_path / "faulty").glob("checkpoint_2*"))) < 2:
+            time.sleep(0.2)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+
+    killer = threading.Thread(target=kill_after_second_checkpoint, daemon=True)
+    killer.start()
+    result = run(tmp_path, "faulty", 2, ["optim.epochs=4", "train.max_failures=2", "train.keep_checkpoints=10"])
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert result.error is None
+    assert result.metrics["epoch"] == 4
+    epochs = sorted(metrics["epoch"] for _, metrics in result.best_checkpoints)
+    assert set(epochs) == {1, 2, 3, 4} and epochs.count(1) == 1, epochs
