@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("proco_ray.prepare", "ingest a dataset into Parquet shards in object storage"),
     "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
     "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
+    "tune": ("proco_ray.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
 }
 
 

@@ -1,42 +1,72 @@
-"""The main job on embedded defaults: a short ProCo run on a generated long-tailed dataset, in one process."""
+"""The main job on embedded defaults, end to end on one machine.
+
+Local S3 (SeaweedFS) up -> prepare a long-tailed dataset into it -> ProCo on a
+local Ray with 2 CPU workers (TorchTrainer, Ray Data) -> evaluate the best
+checkpoint on the test split -> print the metrics and where everything is.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from proco_ray.config import load_config
-from proco_ray.feeds import tensor_feed
-from proco_ray.synthetic import generate_images, long_tailed_counts
-from proco_ray.train_loop import LocalCheckpoints, WorkerEnv, train_worker
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu-small.yaml"
+from proco_ray.evaluate import evaluate_checkpoint
+from proco_ray.prepare import PrepareOptions, prepare
+from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix
+from proco_ray.storage import DEFAULT_DIR, LocalS3Server
+from proco_ray.synthetic import long_tailed_counts, write_image_folder
+from proco_ray.cluster import connect_or_start_ray
+from proco_ray.trainer import fit, summarise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/cpu-small.yaml)")
-    parser.add_argument("--run-dir", default="runs/demo", help="where checkpoints and TensorBoard logs go")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=3")
+    parser.add_argument("--config", default="cpu-small.yaml", help="YAML file or a name from configs/ (default cpu-small.yaml)")
+    parser.add_argument(
+        "--source",
+        help="a dataset as downloaded (ISIC 2018, APTOS 2019, MedMNIST npz, ImageFolder); default: a generated long-tailed one",
+    )
+    parser.add_argument("--storage-dir", default=str(DEFAULT_DIR), help="where the local S3 server keeps its data")
+    parser.add_argument("--run-dir", default="runs", help="where runs (checkpoints, TensorBoard logs) go")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=5")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    counts = long_tailed_counts(5, head=160, imbalance=16)
-    images, labels = generate_images(counts, config.data.image_size, seed=config.train.seed)
-    test_images, test_labels = generate_images([40] * 5, config.data.image_size, seed=config.train.seed + 1)
-    names = [f"class_{c}" for c in range(5)]
-    feed = tensor_feed(
-        (images, labels),
-        {"val": (test_images, test_labels), "test": (test_images, test_labels)},
-        names,
-        config.data.batch_size,
-        seed=config.train.seed,
-    )
-    run_dir = Path(args.run_dir)
-    checkpoints = LocalCheckpoints(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    print(f"training {config.method.name} on a generated long-tailed dataset {counts} ...", flush=True)
-    metrics = train_worker(config, feed, WorkerEnv(report=checkpoints, log_dir=run_dir / "tensorboard"))
-    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}, indent=2))
-    print(f"checkpoints: {checkpoints.directory}  TensorBoard logs: {run_dir / 'tensorboard'}")
+    config = load_config(args.config, [f"train.storage_path={Path(args.run_dir).resolve()}", *args.overrides])
+    server = LocalS3Server(args.storage_dir)
+    was_running = server.running()
+    endpoint = server.start()
+    print(f"[1/4] local S3 at {endpoint.endpoint} (data in {server.data_dir})", flush=True)
+    os.environ.update(endpoint.env())
+    try:
+        source = args.source
+        if source is None:
+            source = str(server.data_dir.parent / "demo-source")
+            if not Path(source).is_dir():
+                write_image_folder(source, long_tailed_counts(5, head=300, imbalance=20), image_size=48, seed=0)
+        needed = config.train.num_workers * config.train.cpus_per_worker + 2
+        connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, needed), join_existing=False)
+        data_uri = f"s3://{endpoint.bucket}/demo/{Path(source).name}-{config.data.image_size}px"
+        manifest = prepare(source, data_uri, PrepareOptions(image_size=config.data.image_size, overwrite=True))
+        print(f"[2/4] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)
+        config.data.uri = data_uri
+        config.data.num_classes = len(manifest["classes"])
+        print(f"[3/4] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs", flush=True)
+        summary = summarise(fit(config), config)
+        print(f"[4/4] evaluating {summary['best_checkpoint']} on the test split", flush=True)
+        metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)
+        out = Path(summary["run"]) / "evaluation"
+        out.mkdir(parents=True, exist_ok=True)
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", "test split")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(markdown_table(per_class_rows(metrics)))
+        headline = {k: round(metrics[k], 4) for k in ("accuracy", "macro_f1", "balanced_accuracy")}
+        print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
+        print(f"evaluation (confusion matrix, metrics.json): {out}")
+        print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
+    finally:
+        if not was_running:
+            server.stop()
     return 0

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from proco_ray.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import config_from_dict
 from proco_ray.methods import build_method
 from proco_ray.pipeline import build_dataset, read_manifest
@@ -63,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proco_ray.trainer import connect_or_start_ray
-
     connect_or_start_ray()
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
     out = Path(args.out)

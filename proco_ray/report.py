@@ -65,3 +65,103 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# --------------------------------------------------------------------------- Ray Tune experiments
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trial_curves(
+    curves: dict[str, Sequence[tuple[int, float]]],
+    path: str | Path,
+    metric: str,
+    stopped: Sequence[str] = (),
+    rungs: Sequence[float] = (),
+    title: str = "",
+) -> Path:
+    """The metric per epoch for every trial; trials ASHA stopped end in a red cross, its rungs are dotted lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, points in curves.items():
+        if not points:
+            continue
+        epochs, values = zip(*points)
+        (line,) = ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.2, label=label)
+        if label in stopped:
+            ax.plot(epochs[-1], values[-1], marker="X", markersize=11, color="red", markeredgecolor=line.get_color())
+    for rung in rungs:
+        ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} per epoch (X: stopped early by ASHA; dotted: ASHA rungs)")
+    if len(curves) <= 24:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_grouped_bars(
+    values: dict[str, dict[str, tuple[float, float]]],
+    path: str | Path,
+    ylabel: str = "recall",
+    title: str = "",
+) -> Path:
+    """Grouped bars: x = category (e.g. class), one bar per series (variant) with its ± std as an error bar."""
+    plt = _pyplot()
+    series = list(values)
+    categories = sorted({c for per in values.values() for c in per})
+    x = np.arange(len(categories))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(categories) * max(1, len(series)) * 0.35 + 3), 4.8))
+    for i, name in enumerate(series):
+        means = [values[name].get(c, (np.nan, 0.0))[0] for c in categories]
+        stds = [values[name].get(c, (np.nan, 0.0))[1] for c in categories]
+        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks(x, categories, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_epochs_reached(
+    trials: Sequence[tuple[str, int, str]],
+    path: str | Path,
+    max_epochs: int,
+    rungs: Sequence[float] = (),
+) -> Path:
+    """Last epoch each trial reached, coloured by outcome (completed / stopped by ASHA / failed)."""
+    plt = _pyplot()
+    colours = {"completed": "tab:green", "stopped": "tab:orange", "failed": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(trials) + 1.5))
+    y = np.arange(len(trials))
+    ax.barh(y, [epochs for _, epochs, _ in trials], color=[colours.get(o, "grey") for _, _, o in trials])
+    ax.set_yticks(y, [label for label, _, _ in trials], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(max_epochs, color="black", linewidth=1)
+    for rung in rungs:
+        ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), fontsize=7, loc="lower right")
+    ax.set_xlabel("last epoch reached (dotted: ASHA rungs, solid: optim.epochs)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -12,14 +12,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
+from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.feeds import Batch, DataFeed
 from proco_ray.methods import METHODS
@@ -29,21 +30,6 @@ from proco_ray.train_loop import WorkerEnv, train_worker
 
 TRAIN, TRAIN_RESAMPLED = "train", "train_resampled"
 CHECKPOINT_METRIC = "val/macro_f1"
-
-
-def connect_or_start_ray(num_cpus: int | None = None) -> bool:
-    """Join the cluster this process belongs to (`ray submit`, `ray job submit`, RAY_ADDRESS) or start a local one.
-
-    Returns True when a local Ray was started here.
-    """
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        return False
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-        return True
 
 
 def check_manifest(config: Config, manifest: Manifest) -> None:
@@ -185,12 +171,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 FeedFactory = Callable[[Config, int, int], DataFeed]
 
 
-def build_trainer(config: Config, feed_factory: FeedFactory | None = None) -> TorchTrainer:
+def build_trainer(
+    config: Config, feed_factory: FeedFactory | None = None, callbacks: Sequence[UserCallback] = ()
+) -> TorchTrainer:
     """A TorchTrainer for `config`; the same call builds a trial's trainer inside Ray Tune.
 
     By default workers read the prepared dataset at `data.uri` through Ray Data;
     `feed_factory(config, rank, world_size)` replaces that with a feed built in
-    each worker (generated data in tests).
+    each worker (generated data in tests). `callbacks` go to the run's RunConfig
+    (`TuneReportCallback()` when the trainer runs inside a Ray Tune trial).
     """
     run_uri = join(config.train.storage_path, config.train.name)
     loop_config: dict[str, Any] = {"config": config.to_dict(), "run_uri": run_uri}
@@ -225,6 +214,7 @@ def build_trainer(config: Config, feed_factory: FeedFactory | None = None) -> To
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets=datasets or None,
         dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in (TRAIN, TRAIN_RESAMPLED) if d in datasets]),

@@ -1,0 +1,333 @@
+"""`proco-ray prepare`: a downloaded dataset -> resized, encoded Parquet shards + manifest.json in object storage.
+
+The resize/encode step is a Ray Data `map_batches`, so it scales out on a
+cluster. Nothing is written before the source has been fully validated and
+every image decoded; manifest.json is written last and is the commit marker:
+readers refuse a prefix without one, so a failed run never looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import proco_ray
+from proco_ray.errors import DataError
+from proco_ray.sources import KINDS, Source, listing, read_source
+from proco_ray.splits import MODES, make_split, split_counts
+from proco_ray.storage import ensure_bucket, join, list_files, resolve, storage_errors
+
+MANIFEST = "manifest.json"
+FORMAT = "proco-ray-shards/1"
+ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How images are resized, encoded, split and sharded."""
+
+    image_size: int = 64
+    encoding: str = "jpeg"
+    quality: int = 95
+    split: str = "paper"
+    seed: int = 0
+    test_fraction: float = 0.3
+    val_fraction: float = 0.1
+    skip_corrupt: bool = False
+    overwrite: bool = False
+    shard_mb: float = 32.0
+
+
+# --------------------------------------------------------------------------- image step (runs in Ray workers)
+
+
+def encode_image(image: Any, size: int, encoding: str, quality: int) -> bytes:
+    """A PIL image -> RGB, squashed to size x size (the aspect is not kept), encoded as JPEG or PNG."""
+    from PIL import Image
+
+    if getattr(image, "format", None) == "JPEG":
+        image.draft("RGB", (size, size))
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format=ENCODINGS[encoding], **({"quality": quality} if encoding == "jpeg" else {}))
+    return out.getvalue()
+
+
+def encode_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, size: int, encoding: str,
+                 quality: int) -> pa.Table:  # fmt: skip
+    """Read, decode, resize and encode a batch; an undecodable image gets an error text instead of failing the job.
+
+    Read errors are not caught: storage trouble fails the task (and Ray retries it), it does not mark images corrupt.
+    """
+    from PIL import Image
+
+    images, errors = [], []
+    for i in range(len(batch["id"])):
+        data = None
+        if "pixels" not in batch:
+            with filesystem.open_input_stream(batch["path"][i]) as stream:
+                data = stream.read()
+        try:
+            if data is None:
+                image = Image.fromarray(np.ascontiguousarray(batch["pixels"][i]).squeeze())
+            else:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            images.append(encode_image(image, size, encoding, quality))
+            errors.append("")
+        except Exception as error:  # any failure to decode in-memory bytes means a bad image
+            images.append(b"")
+            errors.append(f"{type(error).__name__}: {error}")
+    return pa.table({
+        "image": pa.array(images, pa.binary()),
+        "label": pa.array(batch["label"], pa.int64()),
+        "id": pa.array(batch["id"].tolist(), pa.string()),
+        "split": pa.array(batch["split"].tolist(), pa.string()),
+        "source": pa.array(batch["path"].tolist() if "path" in batch else batch["id"].tolist(), pa.string()),
+        "error": pa.array(errors, pa.string()),
+    })  # fmt: skip
+
+
+# --------------------------------------------------------------------------- output location
+
+
+def check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> bool:
+    """Reach the output (creating a missing bucket) and refuse one that holds data unless overwriting.
+
+    Returns whether there is something to clear.
+    """
+    with storage_errors(uri):
+        ensure_bucket(fs, path)
+        existing = list_files(fs, path)
+    if existing and not overwrite:
+        has_manifest = any(f.path == join(path, MANIFEST) for f in existing)
+        what = "a prepared dataset" if has_manifest else "files from an incomplete or foreign run (no manifest.json)"
+        raise DataError(f"output {uri} already holds {what} ({len(existing)} files); pass --overwrite to replace it")
+    return bool(existing)
+
+
+def clear_output(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """Delete the manifest first, so that an interrupted clear never leaves a manifest over partial shards."""
+    with storage_errors(uri):
+        if fs.get_file_info(join(path, MANIFEST)).type == pafs.FileType.File:
+            fs.delete_file(join(path, MANIFEST))
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[str, Any]:
+    with fs.open_input_stream(path) as stream:
+        data = stream.read()
+    rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    return {
+        "path": path[len(root) + 1:], "split": split, "rows": rows,
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    }  # fmt: skip
+
+
+def write_manifest(fs: pafs.FileSystem, path: str, manifest: dict[str, Any]) -> None:
+    """Write manifest.json in one step: a single PUT on S3, write-then-rename on a local disk."""
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    target = join(path, MANIFEST)
+    staging = target if isinstance(fs, pafs.S3FileSystem) else target + ".tmp"
+    with fs.open_output_stream(staging) as out:
+        out.write(data)
+    if staging != target:
+        fs.move(staging, target)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _ensure_ray() -> None:
+    from proco_ray.cluster import connect_or_start_ray
+
+    connect_or_start_ray()
+
+
+def _input_dataset(source: Source, splits: Sequence[str], seed: int):
+    """One row per image, in a seeded random order so that every shard mixes the classes."""
+    import ray
+
+    order = np.random.default_rng([seed, 2]).permutation(len(source.records))
+    rows = []
+    for i in order:
+        record, split = source.records[i], splits[i]
+        row: dict[str, Any] = {"id": record.id, "label": record.label, "split": split}
+        if record.array_split:
+            row["pixels"] = source.arrays[record.array_split][record.index]
+        else:
+            row["path"] = record.path
+        rows.append(row)
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(64, math.ceil(len(rows) / 128))))
+
+
+def encode_all(source: Source, splits: Sequence[str], options: PrepareOptions):
+    """Every image read, resized and encoded by Ray Data workers, held in the object store until written."""
+    _ensure_ray()
+    return _input_dataset(source, splits, options.seed).map_batches(
+        encode_batch, batch_size=64, batch_format="numpy",
+        fn_kwargs=dict(filesystem=source.filesystem, size=options.image_size, encoding=options.encoding,
+                       quality=options.quality),
+    ).materialize()  # fmt: skip
+
+
+def failures(processed) -> list[dict[str, str]]:
+    """{id, source, error} of every image that could not be decoded."""
+    from ray.data.expressions import col
+
+    bad = processed.filter(expr=col("error") != "").select_columns(["id", "source", "error"])
+    return [row for batch in bad.iter_batches(batch_format="pyarrow") for row in batch.to_pylist()]
+
+
+def write_split(processed, split: str, fs: pafs.FileSystem, root: str, shard_mb: float) -> list[dict[str, Any]]:
+    """Write one split as Parquet shards of about shard_mb each, then list them with row counts and sha256."""
+    import pyarrow.compute as pc
+    from ray.data.expressions import col
+
+    part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(
+        ["image", "label", "id", "split"]
+    )
+    nbytes = sum(pc.sum(pc.binary_length(batch.column("image"))).as_py() or 0
+                 for batch in part.select_columns(["image"]).iter_batches(batch_format="pyarrow"))  # fmt: skip
+    split_dir = join(root, split)
+    part.repartition(max(1, math.ceil(nbytes / (shard_mb * 2**20)))).write_parquet(split_dir, filesystem=fs)
+    files = sorted(f.path for f in list_files(fs, split_dir) if f.path.endswith(".parquet"))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda path: _shard_entry(fs, root, path, split), files))
+
+
+def build_manifest(source: Source, options: PrepareOptions, counts: dict[str, dict[str, int]], grouped: bool,
+                   skipped: list[dict[str, str]], shards: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "format": FORMAT,
+        "created_by": f"proco-ray {proco_ray.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": source.kind,
+        "classes": source.classes,
+        "image_size": options.image_size,
+        "encoding": options.encoding,
+        "columns": {"image": "encoded image bytes", "label": "int64 class index", "id": "string", "split": "string"},
+        "counts": counts,
+        "split": {
+            "mode": options.split, "seed": options.seed, "test_fraction": options.test_fraction,
+            "val_fraction": options.val_fraction, "grouped_by": source.group_source if grouped else None,
+        },
+        "source": {"uri": source.uri, "format": source.kind, "fingerprint": source.fingerprint,
+                   "images": len(source.records)},
+        "options": asdict(options),
+        "skipped": skipped,
+        "shards": shards,
+    }  # fmt: skip
+
+
+def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareOptions(), *, kind: str = "auto",
+            groups: str | None = None, classes: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Validate, split, resize and encode a source, write shards and then the manifest; returns the manifest."""
+    if options.encoding not in ENCODINGS:
+        raise DataError(f"unknown encoding '{options.encoding}'; choose one of {list(ENCODINGS)}")
+    if options.image_size < 8:
+        raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
+    started = time.time()
+    out_fs, out_path = resolve(output_uri)
+    occupied = check_output(out_fs, out_path, output_uri, options.overwrite)
+    source = read_source(source_uri, kind, groups=groups, classes=classes)
+    records = source.records
+    group_ids = [r.group or f"image:{r.id}" for r in records] if any(r.group for r in records) else None
+    splits = make_split(options.split, [r.label for r in records], group_ids, [r.official_split for r in records],
+                        seed=options.seed, test_fraction=options.test_fraction, val_fraction=options.val_fraction,
+                        where=source_uri)  # fmt: skip
+
+    processed = encode_all(source, splits, options)
+    failed = failures(processed)
+    if failed and not options.skip_corrupt:
+        raise DataError(
+            f"{source_uri}: {len(failed)} corrupt or unreadable image(s); nothing was written. Fix or remove them, "
+            f"or pass --skip-corrupt to leave them out (each is then recorded in {MANIFEST}):\n"
+            + listing([f"{f['source']}: {f['error']}" for f in failed], limit=10_000)
+        )
+    skipped_ids = {f["id"] for f in failed}
+    kept = [(s, r.label) for s, r in zip(splits, records) if r.id not in skipped_ids]
+    counts = split_counts([s for s, _ in kept], [label for _, label in kept], source.classes)
+    empty = [name for i, name in enumerate(source.classes) if not any(label == i for _, label in kept)]
+    if empty:
+        raise DataError(f"{source_uri}: class(es) with no image left after skipping corrupt files: {empty}")
+
+    if occupied:
+        clear_output(out_fs, out_path, output_uri)
+    shards: list[dict[str, Any]] = []
+    with storage_errors(output_uri):
+        for split, per_class in counts.items():
+            entries = write_split(processed, split, out_fs, out_path, options.shard_mb)
+            if sum(e["rows"] for e in entries) != sum(per_class.values()):
+                raise DataError(f"{output_uri}: wrote {sum(e['rows'] for e in entries)} {split} rows, "
+                                f"expected {sum(per_class.values())}")  # fmt: skip
+            shards += entries
+        manifest = build_manifest(source, options, counts, group_ids is not None, failed, shards)
+        write_manifest(out_fs, out_path, manifest)
+    print(f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
+          f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s", file=sys.stderr)  # fmt: skip
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> None:
+    parser.add_argument("source", help="dataset as downloaded: a folder, an .npz file, or s3://bucket/prefix")
+    parser.add_argument("output", help="where shards and manifest.json go: a folder or s3://bucket/prefix")
+    if kind is None:
+        parser.add_argument("--format", dest="kind", default="auto", choices=["auto", *KINDS],
+                            help="source layout (default: detected)")  # fmt: skip
+    else:
+        parser.set_defaults(kind=kind)
+    defaults = PrepareOptions()
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)")
+    parser.add_argument("--encoding", choices=list(ENCODINGS), default=defaults.encoding)
+    parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (default: %(default)s)")
+    parser.add_argument("--split", choices=MODES, default=defaults.split,
+                        help="paper: stratified 7:3 train/test with val carved from train; official: the source's "
+                             "own splits; test: everything as an external test set (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="share of train held out for validation")
+    parser.add_argument("--groups", help="CSV of image id -> lesion/patient id (e.g. HAM10000_metadata.csv) for group-aware splits")
+    parser.add_argument("--classes", help="comma-separated class names (ImageFolder, MedMNIST)")
+    parser.add_argument("--skip-corrupt", action="store_true", help="leave out undecodable images, listing them in the manifest")
+    parser.add_argument("--overwrite", action="store_true", help="replace what the output already holds")
+    parser.add_argument("--shard-mb", type=float, default=defaults.shard_mb, help="target shard size in MiB (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = PrepareOptions(
+        image_size=args.image_size, encoding=args.encoding, quality=args.quality, split=args.split, seed=args.seed,
+        test_fraction=args.test_fraction, val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt,
+        overwrite=args.overwrite, shard_mb=args.shard_mb,
+    )  # fmt: skip
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    try:
+        manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)
+    except DataError as error:
+        print(f"proco-ray prepare: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output": args.output, "counts": manifest["counts"], "shards": len(manifest["shards"])}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, kind: str | None = None) -> int:
+    """Entry point for the jobs/ scripts (`ray job submit -- python jobs/prepare_isic.py ...`)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, kind)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,99 @@
+"""cluster.yaml against Ray's own validation, and `ray job submit` end to end against a local cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proco_ray.prepare import PrepareOptions, prepare
+from proco_ray.storage import free_port
+from proco_ray.synthetic import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-") and config["docker"]["image"].endswith("-gpu")
+    gpu_types = [t for t in config["available_node_types"].values() if t.get("resources", {}).get("GPU")]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
+    assert "GPU" not in config["available_node_types"][config["head_node_type"]]["resources"]
+
+
+def cluster_env() -> dict[str, str]:
+    """As in an activated venv; Ray 2.60 turns token authentication on once a token exists
+    (~/.ray/auth_token), so say so to the CLI too."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": path}
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server), in its own process group.
+
+    Stopping it kills that group only: `ray stop` would end every Ray on the machine,
+    the test session's own included.
+    """
+    port, dashboard, agent, agent_grpc, runtime_env_agent, metrics = (free_port() for _ in range(6))
+    env = cluster_env()
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the job server did not come up within 120 s"
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_a_local_cluster(ray_local, local_cluster, tmp_path):
+    write_image_folder(tmp_path / "source", [24, 12, 8], image_size=16)
+    data = tmp_path / "prepared"
+    prepare(str(tmp_path / "source"), str(data), PrepareOptions(image_size=16))
+    overrides = [
+        "data.num_classes=3", "data.image_size=16", "data.batch_size=8", "model.arch=resnet18",
+        "model.small_input=true", "model.feat_dim=16", "model.hidden_dim=32", "method.gamma=4",
+        "method.queue_size=32", "optim.epochs=1", "train.num_workers=2", "train.use_gpu=false",
+        "train.cpus_per_worker=1", "train.wait_for_autoscaler=false", "train.name=job",
+        f"train.storage_path={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    command = [RAY, "job", "submit", "--address", local_cluster, "--working-dir", str(ROOT), "--",
+               "python", "jobs/train_isic.py", "--data", str(data), *overrides]  # fmt: skip
+    deadline = time.time() + 180
+    while True:
+        submitted = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cluster_env())
+        if "No available agent" not in submitted.stdout + submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert submitted.returncode == 0, submitted.stdout[-6000:]
+    assert "succeeded" in submitted.stdout
+    summary = json.loads(submitted.stdout[submitted.stdout.index("{\n") : submitted.stdout.rindex("}") + 1])
+    assert summary["metrics"]["epoch"] == 1 and "test/macro_f1" in summary["metrics"]
+    assert (tmp_path / "runs" / "job" / "config.yaml").is_file()

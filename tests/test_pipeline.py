@@ -1,0 +1,149 @@
+"""The training input pipeline on a local Ray: manifest, checksums, epochs, two consumers, resampling, S3."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from proco_ray.errors import DataError
+from proco_ray.pipeline import build_dataset, read_manifest
+from proco_ray.prepare import PrepareOptions, prepare
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, datagen, ray_local) -> str:
+    """A long-tailed 3-class ImageFolder set, prepared into several small shards per split."""
+    root = tmp_path_factory.mktemp("pipeline")
+    source = datagen.imagefolder(root / "folder", {"common": 60, "rare": 20, "scarce": 10})
+    out = root / "prepared"
+    prepare(str(source), str(out), PrepareOptions(image_size=SIZE, shard_mb=0.01))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory, datagen, ray_local) -> str:
+    """600 training rows, 70/20/10 % over three classes, for the resampling statistics."""
+    root = tmp_path_factory.mktemp("skewed")
+    labels = np.array([0] * 420 + [1] * 120 + [2] * 60, dtype=np.uint8).reshape(-1, 1)
+    images = np.random.default_rng(0).integers(0, 256, size=(600, 8, 8, 3), dtype=np.uint8)
+    np.savez(root / "skewed.npz", train_images=images, train_labels=labels)
+    prepare(str(root / "skewed.npz"), str(root / "out"), PrepareOptions(image_size=8, split="official"))
+    return str(root / "out")
+
+
+def epoch_ids(iterator) -> list[str]:
+    return [i for batch in iterator.iter_batches(batch_size=16, batch_format="numpy") for i in batch["id"]]
+
+
+def test_read_manifest(prepared):
+    manifest = read_manifest(prepared)
+    assert manifest.classes == ["common", "rare", "scarce"] and manifest.num_classes == 3
+    assert manifest.class_counts("train") == [manifest.counts["train"][c] for c in manifest.classes]
+    assert sum(manifest.class_counts("train")) + manifest.num_rows("val") + manifest.num_rows("test") == 90
+    assert len(manifest.shards_of("train")) > 1 and manifest.image_size == SIZE
+    with pytest.raises(DataError, match="split 'holdout' is not in the manifest"):
+        manifest.class_counts("holdout")
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no manifest.json at .*was it prepared with proco-ray prepare"):
+        read_manifest(str(tmp_path))
+
+
+def test_train_batches_have_two_independent_views(prepared):
+    batch = next(iter(build_dataset(prepared, "train", image_size=SIZE, train=True).iter_torch_batches(batch_size=8)))
+    assert set(batch) == {"view_q", "view_k", "label"}
+    assert batch["view_q"].shape == batch["view_k"].shape == (8, 3, SIZE, SIZE)
+    assert batch["view_q"].dtype == torch.float32 and batch["label"].dtype == torch.int64
+    assert not torch.allclose(batch["view_q"], batch["view_k"])
+    assert -3 < float(batch["view_q"].mean()) < 3  # normalised, not 0-255
+
+
+def test_eval_is_deterministic_and_complete(prepared):
+    ds = build_dataset(prepared, "test", image_size=SIZE, train=False, with_ids=True)
+    runs = [
+        {i: img for b in ds.iter_batches(batch_size=8, batch_format="numpy") for i, img in zip(b["id"], b["image"])}
+        for _ in range(2)
+    ]
+    assert len(runs[0]) == read_manifest(prepared).num_rows("test")
+    assert runs[0].keys() == runs[1].keys() and all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+    batch = next(iter(build_dataset(prepared, "test", image_size=SIZE, train=False).iter_torch_batches(batch_size=4)))
+    assert set(batch) == {"image", "label"} and batch["image"].shape == (4, 3, SIZE, SIZE)
+
+
+def test_every_training_row_once_per_epoch_across_two_consumers(prepared):
+    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True)
+    consumers = ds.streaming_split(2, equal=False)
+    expected = read_manifest(prepared).num_rows("train")
+    orders = []
+    for _ in range(2):
+        seen: list[list[str]] = [[], []]
+        threads = [threading.Thread(target=lambda k=k: seen[k].extend(epoch_ids(consumers[k]))) for k in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        ids = seen[0] + seen[1]
+        assert len(ids) == expected and len(set(ids)) == expected
+        orders.append(ids)
+    assert orders[0] != orders[1]
+
+
+def test_shuffle_is_fresh_each_epoch_and_seeded(prepared, ray_local):
+    context = ray_local.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    try:
+        first = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=1)
+        again = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=1)
+        other = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=2)
+        epochs = [epoch_ids(first), epoch_ids(first)]
+        assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+        assert epoch_ids(again) == epochs[0]
+        assert epoch_ids(other) != epochs[0]
+        [through_coordinator] = first.streaming_split(1)  # as Ray Train workers consume it
+        assert epoch_ids(through_coordinator) != epoch_ids(through_coordinator)
+    finally:
+        context.execution_options.preserve_order = False
+
+
+def test_class_balanced_resampling(skewed):
+    ds = build_dataset(skewed, "train", image_size=8, train=True, resample=True)
+    draws = []
+    for _ in range(2):
+        labels = torch.cat([b["label"] for b in ds.iter_torch_batches(batch_size=64)])
+        assert len(labels) == 600
+        draws.append(labels)
+    counts = Counter(torch.cat(draws).tolist())
+    assert all(abs(counts[c] - 400) < 80 for c in range(3)), counts
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_tampered_shard_is_named(prepared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = read_manifest(str(copy)).shards_of("val")[0].path
+    data = bytearray((copy / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / shard).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"(?s)do not match manifest.json.*{shard}: sha256"):
+        build_dataset(str(copy), "val", image_size=SIZE, train=False)
+    Path(copy / shard).unlink()
+    with pytest.raises(DataError, match=f"{shard}: missing"):
+        build_dataset(str(copy), "val", image_size=SIZE, train=False)
+
+
+def test_streams_from_s3(tmp_path, datagen, s3_env, ray_local):
+    source = datagen.medmnist(tmp_path / "retinamnist.npz", {"train": 30, "val": 10})
+    uri = "s3://proco/pipeline-test"
+    prepare(str(source), uri, PrepareOptions(image_size=SIZE, split="official", overwrite=True))
+    manifest = read_manifest(uri)
+    batches = list(build_dataset(uri, "train", image_size=SIZE, train=True).iter_torch_batches(batch_size=10))
+    assert sum(len(b["label"]) for b in batches) == manifest.num_rows("train") == 30

@@ -1,0 +1,185 @@
+"""`proco-ray prepare` end to end on a local Ray, into a local folder and into the real S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from proco_ray.errors import DataError, StorageError
+from proco_ray.prepare import PrepareOptions, main, prepare
+from proco_ray.storage import join, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_rows(uri: str) -> tuple[dict, list[dict]]:
+    """The manifest and every row of every shard, checking each shard's sha256 and row count on the way."""
+    fs, root = resolve(uri)
+    with fs.open_input_stream(join(root, "manifest.json")) as stream:
+        manifest = json.loads(stream.read())
+    rows = []
+    for shard in manifest["shards"]:
+        with fs.open_input_stream(join(root, shard["path"])) as stream:
+            data = stream.read()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows == shard["rows"]
+        assert set(table.column("split").to_pylist()) == {shard["split"]}
+        rows += table.to_pylist()
+    return manifest, rows
+
+
+def counts_of(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
+    counts = Counter((r["split"], r["label"]) for r in rows)
+    return {s: {c: counts.get((s, i), 0) for i, c in enumerate(classes)} for s in {r["split"] for r in rows}}
+
+
+SOURCES = {
+    "isic": lambda dg, tmp: dg.isic(tmp / "isic"),
+    "aptos": lambda dg, tmp: dg.aptos(tmp / "aptos"),
+    "medmnist": lambda dg, tmp: dg.medmnist(tmp / "retinamnist_small.npz"),
+    "imagefolder": lambda dg, tmp: dg.imagefolder(tmp / "folder"),
+}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_prepare_every_format(name, where, tmp_path, datagen, ray_local, request):
+    source = SOURCES[name](datagen, tmp_path)
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        out = f"s3://prepared-{name}/run1"
+    else:
+        out = str(tmp_path / "out")
+    manifest = prepare(str(source), out, PrepareOptions(image_size=24, encoding="png" if name == "aptos" else "jpeg"))
+    stored, rows = read_rows(out)
+    assert stored == manifest
+    assert manifest["counts"] == counts_of(rows, manifest["classes"])
+    assert set(manifest["counts"]) == {"train", "val", "test"}
+    assert manifest["source"]["images"] == len(rows) and manifest["source"]["fingerprint"].startswith("sha256:")
+    assert Image.open(io.BytesIO(rows[0]["image"])).size == (24, 24)
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_split_is_stratified_reproducible_and_group_aware(tmp_path, datagen, ray_local):
+    source = str(datagen.isic(tmp_path / "isic", counts=[20, 60, 14, 12, 16, 10, 10]))
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        prepare(source, str(tmp_path / name), PrepareOptions(image_size=16, seed=seed))
+        runs[name] = read_rows(str(tmp_path / name))
+    (manifest, first), (_, again), (_, other) = runs["a"], runs["b"], runs["c"]
+    split_of = lambda rows: {r["id"]: r["split"] for r in rows}  # noqa: E731
+    assert split_of(first) == split_of(again)
+    assert split_of(first) != split_of(other)
+    assert manifest["split"]["grouped_by"] == "HAM10000_metadata.csv"
+    lesions = defaultdict(set)
+    for r in first:
+        lesions[r["id"][:-4] + str(int(r["id"][-4:]) // 2)].add(r["split"])  # 2 images per lesion in the fixture
+    assert all(len(sides) == 1 for sides in lesions.values())
+    for name, total in zip(manifest["classes"], [20, 60, 14, 12, 16, 10, 10]):
+        assert abs(manifest["counts"]["test"][name] - 0.3 * total) <= 2
+
+
+def test_official_and_external_test_modes(tmp_path, datagen, ray_local):
+    npz = str(datagen.medmnist(tmp_path / "retinamnist.npz", {"train": 30, "test": 10}))
+    official = prepare(npz, str(tmp_path / "official"), PrepareOptions(image_size=16, split="official"))
+    assert {s: sum(c.values()) for s, c in official["counts"].items()} == {"train": 30, "test": 10}
+    external = prepare(npz, str(tmp_path / "external"), PrepareOptions(image_size=16, split="test"))
+    assert list(external["counts"]) == ["test"] and sum(external["counts"]["test"].values()) == 40
+
+
+def _damage(root: Path) -> list[str]:
+    image_dir = root / "ISIC2018_Task3_Training_Input"
+    truncated = image_dir / "ISIC_T10000.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    garbage = image_dir / "ISIC_T50000.jpg"
+    garbage.write_bytes(b"this is not a jpeg")
+    return [str(truncated), str(garbage)]
+
+
+def test_corrupt_images_are_listed_and_nothing_is_written(tmp_path, datagen, ray_local):
+    root = datagen.isic(tmp_path / "isic")
+    bad = _damage(root)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="2 corrupt or unreadable image") as info:
+        prepare(str(root), str(out), PrepareOptions(image_size=16))
+    assert all(path in str(info.value) for path in bad)
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_skip_corrupt_records_every_skipped_file(tmp_path, datagen, ray_local):
+    root = datagen.isic(tmp_path / "isic")
+    bad = _damage(root)
+    manifest = prepare(str(root), str(tmp_path / "out"), PrepareOptions(image_size=16, skip_corrupt=True))
+    assert sorted(s["source"] for s in manifest["skipped"]) == sorted(bad)
+    assert all(s["error"] for s in manifest["skipped"])
+    _, rows = read_rows(str(tmp_path / "out"))
+    assert len(rows) == sum(map(sum, [c.values() for c in manifest["counts"].values()])) == 54 - 2  # 54 images in the fixture
+    assert not {"ISIC_T10000", "ISIC_T50000"} & {r["id"] for r in rows}
+
+
+def test_output_with_data_is_refused_unless_overwrite(tmp_path, datagen, ray_local):
+    source = str(datagen.imagefolder(tmp_path / "folder"))
+    out = tmp_path / "out"
+    first = prepare(source, str(out), PrepareOptions(image_size=16))
+    with pytest.raises(DataError, match="already holds a prepared dataset.*--overwrite"):
+        prepare(source, str(out), PrepareOptions(image_size=16))
+    second = prepare(source, str(out), PrepareOptions(image_size=20, overwrite=True))
+    assert second["image_size"] == 20
+    shard_files = {str(p.relative_to(out)) for p in out.rglob("*.parquet")}
+    assert shard_files == {s["path"] for s in second["shards"]}
+    assert not shard_files & {s["path"] for s in first["shards"]}
+
+
+def test_incomplete_output_is_refused_and_unreadable(tmp_path, datagen, ray_local):
+    from proco_ray.pipeline import read_manifest
+
+    source = str(datagen.imagefolder(tmp_path / "folder"))
+    out = tmp_path / "out"
+    prepare(source, str(out), PrepareOptions(image_size=16))
+    (out / "manifest.json").unlink()  # as if the run had died before its last step
+    with pytest.raises(DataError, match="no manifest.json at .*was it prepared with proco-ray prepare"):
+        read_manifest(str(out))
+    with pytest.raises(DataError, match="incomplete or foreign run"):
+        prepare(source, str(out), PrepareOptions(image_size=16))
+
+
+def test_wrong_credentials_fail_fast(tmp_path, datagen, s3_env, monkeypatch, ray_local):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="access denied"):
+        prepare(str(datagen.imagefolder(tmp_path / "folder")), "s3://proco/denied", PrepareOptions(image_size=16))
+    assert time.monotonic() - started < 10
+
+
+def test_cli_reports_errors_and_jobs_scripts_run(tmp_path, datagen, capsys):
+    root = datagen.aptos(tmp_path / "aptos")
+    (root / "train_images" / "orphan.png").write_bytes(datagen.image_bytes(0, 1, fmt="PNG"))
+    assert main([str(root), str(tmp_path / "out")], kind="aptos2019") == 1
+    assert "orphan.png" in capsys.readouterr().err
+    for script in ("jobs/prepare_isic.py", "jobs/prepare_aptos.py"):
+        shown = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "--skip-corrupt" in shown.stdout
+
+
+def test_prepare_real_isic_into_s3(shared_data, s3_env, ray_local):
+    """The 5,984 real ISIC images at 32 px into the S3 server (about 15 s): counts match the published ones."""
+    out = "s3://proco/isic2018-32"
+    manifest = prepare(str(shared_data / "isic2018"), out, PrepareOptions(image_size=32, overwrite=True))
+    totals = Counter()
+    for counts in manifest["counts"].values():
+        totals.update(counts)
+    assert dict(totals) == {"MEL": 491, "NV": 4323, "BCC": 264, "AKIEC": 183, "BKL": 583, "DF": 60, "VASC": 80}
+    assert manifest["split"]["grouped_by"] == "HAM10000_metadata.csv"
+    _, rows = read_rows(out)
+    assert len(rows) == 5984 and manifest["counts"] == counts_of(rows, manifest["classes"])

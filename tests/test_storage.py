@@ -1,0 +1,112 @@
+"""Object storage: AWS settings, URI resolution, and the embedded SeaweedFS server (a real S3, never mocked)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from proco_ray.errors import StorageError
+from proco_ray.storage import (
+    LocalS3Server, S3Settings, aws_settings, ensure_bucket, free_port, resolve, s3_filesystem, storage_errors,
+)  # fmt: skip
+
+
+def test_aws_settings_from_variables_win_over_files(tmp_path):
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "credentials").write_text("[default]\naws_access_key_id = filekey\naws_secret_access_key = filesecret\n")
+    (aws / "config").write_text("[default]\nregion = eu-west-3\nendpoint_url = http://files:9000\n")
+    from_files = aws_settings({}, home=tmp_path)
+    assert from_files == S3Settings("http://files:9000", "filekey", "filesecret", None, "eu-west-3")
+    env = {"AWS_ENDPOINT_URL": "http://env:1", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "r"}
+    assert aws_settings(env, home=tmp_path) == S3Settings("http://env:1", "k", "s", None, "r")
+    assert aws_settings({**env, "AWS_ENDPOINT_URL_S3": "http://s3only:2"}, home=tmp_path).endpoint == "http://s3only:2"
+
+
+def test_aws_settings_named_profile(tmp_path):
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "config").write_text("[profile lab]\nregion = us-west-2\naws_access_key_id = a\naws_secret_access_key = b\n")
+    settings = aws_settings({"AWS_PROFILE": "lab"}, home=tmp_path)
+    assert (settings.region, settings.access_key, settings.secret_key) == ("us-west-2", "a", "b")
+    assert aws_settings({}, home=tmp_path).region == "us-east-1"
+
+
+def test_resolve_local_and_s3(tmp_path):
+    fs, path = resolve(str(tmp_path / "x"))
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "x")
+    fs, path = resolve("s3://bucket/some/prefix/", S3Settings("http://127.0.0.1:1", "a", "b"))
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/some/prefix"
+    with pytest.raises(StorageError, match="names no bucket"):
+        resolve("s3://")
+
+
+def test_server_serves_s3_with_credentials(s3_server):
+    fs = s3_server.filesystem()
+    ensure_bucket(fs, "fresh-bucket/a/b")
+    with fs.open_output_stream("fresh-bucket/a/b/hello.txt") as out:
+        out.write(b"hello")
+    with fs.open_input_stream("fresh-bucket/a/b/hello.txt") as stream:
+        assert stream.read() == b"hello"
+    assert s3_server.endpoint.startswith("http://127.0.0.1:")
+
+
+def test_wrong_credentials_fail_within_seconds(s3_server):
+    settings = S3Settings(s3_server.endpoint, s3_server.access_key, "not-the-secret")
+    fs = s3_filesystem(settings)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="access denied"), storage_errors("s3://proco/x"):
+        fs.get_file_info("proco/x")
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_endpoint_fails_within_seconds():
+    fs = s3_filesystem(S3Settings(f"http://127.0.0.1:{free_port()}", "a", "b"))
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="cannot connect"), storage_errors("s3://proco/x"):
+        fs.get_file_info("proco/x")
+    assert time.monotonic() - started < 10
+
+
+def test_start_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(StorageError, match=f"port {port} .* in use"):
+            LocalS3Server(tmp_path / "s3", port=port).start()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proco_ray", "storage", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_cli_start_status_env_stop_across_processes(tmp_path):
+    """start in one process, status/env/stop from others (the pid file), data kept across a restart."""
+    data_dir = str(tmp_path / "storage")
+    port = str(free_port())
+    try:
+        started = _cli("start", "--dir", data_dir, "--port", port)
+        assert started.returncode == 0, started.stderr
+        assert f"http://127.0.0.1:{port}" in started.stdout
+        assert _cli("status", "--dir", data_dir, "--port", port).returncode == 0
+        env = _cli("env", "--dir", data_dir, "--port", port).stdout
+        assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in env
+        assert "export AWS_SECRET_ACCESS_KEY=" in env
+        server = LocalS3Server(data_dir, int(port))
+        assert server.running()
+        with server.endpoint().filesystem().open_output_stream("proco/kept.txt") as out:
+            out.write(b"kept")
+    finally:
+        stopped = _cli("stop", "--dir", data_dir, "--port", port)
+    assert stopped.stdout.strip() == "stopped"
+    assert _cli("status", "--dir", data_dir, "--port", port).returncode == 3
+    with LocalS3Server(data_dir, int(port)) as endpoint:
+        with endpoint.filesystem().open_input_stream("proco/kept.txt") as stream:
+            assert stream.read() == b"kept"
