@@ -2,7 +2,48 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+
 import ray
+from ray._private.services import find_bootstrap_address, parse_address
+
+from proco_ray.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def reachable(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether something listens at host:port (a Ray GCS), without joining it."""
+    parsed = parse_address(address)
+    if parsed is None:
+        return False
+    try:
+        with socket.create_connection((parsed[0], int(parsed[1])), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def cluster_address(temp_dir: str | None = None) -> str | None:
+    """The cluster to join: RAY_ADDRESS, else the live one `ray start` recorded on this machine.
+
+    A record left behind by a crashed cluster is ignored (Ray itself would wait minutes on it);
+    an unreachable RAY_ADDRESS is an error, since the user named it.
+    """
+    named = os.environ.get("RAY_ADDRESS", "")
+    if named:
+        if named.startswith(("ray://", "http://", "https://")) or named in ("auto", "local") or reachable(named):
+            return named
+        raise ConfigError(f"RAY_ADDRESS={named} names a Ray cluster that does not answer")
+    recorded = find_bootstrap_address(temp_dir)
+    if recorded is None:
+        return None
+    if not reachable(recorded):
+        log.warning("ignoring the stale Ray cluster record %s (nothing answers there); starting a local Ray", recorded)
+        return None
+    return recorded
 
 
 def connect_or_start_ray(num_cpus: int | None = None, join_existing: bool = True) -> bool:
@@ -13,11 +54,9 @@ def connect_or_start_ray(num_cpus: int | None = None, join_existing: bool = True
     """
     if ray.is_initialized():
         return False
-    if join_existing:
-        try:
-            ray.init(address="auto", log_to_driver=True)
-            return False
-        except ConnectionError:
-            pass
+    address = cluster_address() if join_existing else None
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     return True

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from proco_ray.errors import DataError
 from proco_ray.prepare import FORMAT, MANIFEST
 from proco_ray.sources import listing
-from proco_ray.storage import join, resolve, storage_errors
+from proco_ray.storage import join, read_bytes, resolve, storage_errors
 from proco_ray.transforms import eval_batch, two_view_batch
 
 BLOCK_BYTES = 32 << 20
@@ -101,13 +101,9 @@ class Manifest:
 
 def read_manifest(uri: str) -> Manifest:
     """The manifest of a prepared dataset; its absence means the dataset is not (completely) prepared."""
-    fs, root = resolve(uri)
-    with storage_errors(uri):
-        path = join(root, MANIFEST)
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            raise DataError(f"no {MANIFEST} at {uri} (was it prepared with proco-ray prepare?)")
-        with fs.open_input_stream(path) as stream:
-            data = stream.read()
+    data = read_bytes(join(uri, MANIFEST))
+    if data is None:
+        raise DataError(f"no {MANIFEST} at {uri} (was it prepared with proco-ray prepare?)")
     try:
         raw = json.loads(data)
     except ValueError as error:

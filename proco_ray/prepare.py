@@ -28,7 +28,7 @@ import proco_ray
 from proco_ray.errors import DataError
 from proco_ray.sources import KINDS, Source, listing, read_source
 from proco_ray.splits import MODES, make_split, split_counts
-from proco_ray.storage import ensure_bucket, join, list_files, resolve, storage_errors
+from proco_ray.storage import ensure_bucket, join, list_files, resolve, storage_errors, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "proco-ray-shards/1"
@@ -137,15 +137,9 @@ def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[
     }  # fmt: skip
 
 
-def write_manifest(fs: pafs.FileSystem, path: str, manifest: dict[str, Any]) -> None:
-    """Write manifest.json in one step: a single PUT on S3, write-then-rename on a local disk."""
-    data = (json.dumps(manifest, indent=2) + "\n").encode()
-    target = join(path, MANIFEST)
-    staging = target if isinstance(fs, pafs.S3FileSystem) else target + ".tmp"
-    with fs.open_output_stream(staging) as out:
-        out.write(data)
-    if staging != target:
-        fs.move(staging, target)
+def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
+    """Written last and in one step: its presence means the shards are complete."""
+    write_bytes(join(output_uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- the job
@@ -276,7 +270,7 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
                                 f"expected {sum(per_class.values())}")  # fmt: skip
             shards += entries
         manifest = build_manifest(source, options, counts, group_ids is not None, failed, shards)
-        write_manifest(out_fs, out_path, manifest)
+        write_manifest(output_uri, manifest)
     print(f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
           f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s", file=sys.stderr)  # fmt: skip
     return manifest

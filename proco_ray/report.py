@@ -99,6 +99,7 @@ def plot_trial_curves(
             ax.plot(epochs[-1], values[-1], marker="X", markersize=11, color="red", markeredgecolor=line.get_color())
     for rung in rungs:
         ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per epoch (X: stopped early by ASHA; dotted: ASHA rungs)")
@@ -159,6 +160,7 @@ def plot_epochs_reached(
         ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc="lower right")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("last epoch reached (dotted: ASHA rungs, solid: optim.epochs)")
     fig.tight_layout()
     path = Path(path)

@@ -165,6 +165,30 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
 
+def read_bytes(uri: str) -> bytes | None:
+    """A whole file (local or s3://), or None when there is none."""
+    fs, path = resolve(uri)
+    with storage_errors(uri):
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write a whole file in one step, so readers never see half of it: one PUT on S3, write-then-rename on disk."""
+    fs, path = resolve(uri)
+    with storage_errors(uri):
+        ensure_bucket(fs, path)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        staging = path if isinstance(fs, pafs.S3FileSystem) else path + ".tmp"
+        with fs.open_output_stream(staging) as out:
+            out.write(data)
+        if staging != path:
+            fs.move(staging, path)
+    return uri
+
+
 # --------------------------------------------------------------------------- local S3 server
 
 

@@ -25,7 +25,7 @@ from proco_ray.config import Config, ConfigError, config_from_dict, load_config,
 from proco_ray.feeds import Batch, DataFeed
 from proco_ray.methods import METHODS
 from proco_ray.pipeline import Manifest, build_dataset, read_manifest
-from proco_ray.storage import is_s3, join, resolve
+from proco_ray.storage import is_s3, join, resolve, write_bytes
 from proco_ray.train_loop import WorkerEnv, train_worker
 
 TRAIN, TRAIN_RESAMPLED = "train", "train_resampled"
@@ -221,17 +221,17 @@ def build_trainer(
     )
 
 
+def write_run_file(config: Config, filename: str, data: bytes) -> str:
+    """A file in the run's folder (local or s3://), next to its checkpoints."""
+    return write_bytes(join(config.train.storage_path, config.train.name, filename), data)
+
+
 def save_resolved_config(config: Config) -> str:
-    """The resolved config next to the run's checkpoints (local or s3://)."""
-    run_uri = join(config.train.storage_path, config.train.name)
-    fs, path = resolve(run_uri)
-    fs.create_dir(path, recursive=True)
+    """The resolved config, so that a run can be repeated and evaluated from its folder."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "config.yaml"
         save_config(config, local)
-        with fs.open_output_stream(join(path, "config.yaml")) as out:
-            out.write(local.read_bytes())
-    return join(run_uri, "config.yaml")
+        return write_run_file(config, "config.yaml", local.read_bytes())
 
 
 def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
@@ -269,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
     needed = config.train.num_workers * config.train.cpus_per_worker
     connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, needed + 1))
-    summary = summarise(fit(config), config)
-    print(json.dumps(summary, indent=2, default=str))
+    summary = json.dumps(summarise(fit(config), config), indent=2, default=str)
+    print(summary)
+    print(f"summary written to {write_run_file(config, 'summary.json', summary.encode())}")
     return 0

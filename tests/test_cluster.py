@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,14 +79,12 @@ def test_ray_job_submit_trains_on_a_local_cluster(ray_local, local_cluster, tmp_
     data = tmp_path / "prepared"
     prepare(str(tmp_path / "source"), str(data), PrepareOptions(image_size=16))
     overrides = [
-        "data.num_classes=3", "data.image_size=16", "data.batch_size=8", "model.arch=resnet18",
-        "model.small_input=true", "model.feat_dim=16", "model.hidden_dim=32", "method.gamma=4",
-        "method.queue_size=32", "optim.epochs=1", "train.num_workers=2", "train.use_gpu=false",
-        "train.cpus_per_worker=1", "train.wait_for_autoscaler=false", "train.name=job",
+        "data.num_classes=3", "data.batch_size=8", "method.queue_size=32", "optim.epochs=1", "train.num_workers=2",
+        "train.use_gpu=false", "train.cpus_per_worker=1", "train.wait_for_autoscaler=false", "train.name=job",
         f"train.storage_path={tmp_path / 'runs'}",
     ]  # fmt: skip
     command = [RAY, "job", "submit", "--address", local_cluster, "--working-dir", str(ROOT), "--",
-               "python", "jobs/train_isic.py", "--data", str(data), *overrides]  # fmt: skip
+               "python", "jobs/train_isic.py", "--config", "tests/tiny.yaml", "--data", str(data), *overrides]  # fmt: skip
     deadline = time.time() + 180
     while True:
         submitted = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cluster_env())
@@ -94,6 +93,26 @@ def test_ray_job_submit_trains_on_a_local_cluster(ray_local, local_cluster, tmp_
         time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-6000:]
     assert "succeeded" in submitted.stdout
-    summary = json.loads(submitted.stdout[submitted.stdout.index("{\n") : submitted.stdout.rindex("}") + 1])
+    summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
     assert summary["metrics"]["epoch"] == 1 and "test/macro_f1" in summary["metrics"]
     assert (tmp_path / "runs" / "job" / "config.yaml").is_file()
+
+
+def test_a_stale_cluster_record_is_ignored_and_a_named_dead_address_is_an_error(tmp_path, monkeypatch):
+    from proco_ray.cluster import cluster_address
+    from proco_ray.config import ConfigError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(str(tmp_path)) is None
+    dead = f"127.0.0.1:{free_port()}"
+    (tmp_path / "ray_current_cluster").write_text(dead)
+    assert cluster_address(str(tmp_path)) is None
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        alive = f"127.0.0.1:{live.getsockname()[1]}"
+        (tmp_path / "ray_current_cluster").write_text(alive)
+        assert cluster_address(str(tmp_path)) == alive
+        monkeypatch.setenv("RAY_ADDRESS", alive)
+        assert cluster_address(str(tmp_path)) == alive
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+        cluster_address(str(tmp_path))

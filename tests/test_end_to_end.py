@@ -1,6 +1,7 @@
 """The whole path: a prepared dataset in real S3 -> Ray Data -> TorchTrainer (2 gloo workers) -> evaluate."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,20 +13,8 @@ from proco_ray.prepare import PrepareOptions, prepare
 from proco_ray.synthetic import write_image_folder
 from proco_ray.trainer import build_trainer, fit, summarise
 
-TINY = [
-    "data.image_size=16",
-    "data.batch_size=8",
-    "data.eval_batch_size=32",
-    "model.arch=resnet18",
-    "model.small_input=true",
-    "model.feat_dim=16",
-    "model.hidden_dim=32",
-    "method.gamma=4",
-    "method.queue_size=32",
-    "optim.epochs=2",
-    "optim.warmup_epochs=1",
-    "train.num_workers=2",
-]
+TINY = Path(__file__).parent / "tiny.yaml"
+OVERRIDES = ["data.batch_size=8", "data.eval_batch_size=32", "method.queue_size=32", "train.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +28,7 @@ def prepared(tmp_path_factory):
 def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     uri = "s3://proco-e2e/tiny"
     prepare(str(prepared / "source"), uri, PrepareOptions(image_size=16, overwrite=True))
-    config = load_config(None, TINY + [f"data.uri={uri}", f"train.storage_path={tmp_path}", "train.name=e2e", "method.name=ce_resample"])
+    config = load_config(TINY, OVERRIDES + [f"data.uri={uri}", f"train.storage_path={tmp_path}", "train.name=e2e", "method.name=ce_resample"])
     summary = summarise(fit(config), config)
     assert summary["metrics"]["epoch"] == 2 and "test/macro_f1" in summary["metrics"]
     out = tmp_path / "eval"
@@ -55,8 +44,8 @@ def test_bad_data_settings_are_refused_before_training(ray_local, prepared, tmp_
     local_uri = str(tmp_path / "prepared")
     prepare(str(prepared / "source"), local_uri, PrepareOptions(image_size=16))
     with pytest.raises(DataError, match="no manifest.json"):
-        build_trainer(load_config(None, TINY + [f"data.uri={tmp_path / 'nothing'}"]))
+        build_trainer(load_config(TINY, OVERRIDES + [f"data.uri={tmp_path / 'nothing'}"]))
     with pytest.raises(ConfigError, match="data.num_classes is 7 but the dataset .* has 3 classes"):
-        build_trainer(load_config(None, TINY + [f"data.uri={local_uri}", "data.num_classes=7"]))
+        build_trainer(load_config(TINY, OVERRIDES + [f"data.uri={local_uri}", "data.num_classes=7"]))
     with pytest.raises(ConfigError, match="no 'holdout' split"):
-        build_trainer(load_config(None, TINY + [f"data.uri={local_uri}", "data.val_split=holdout"]))
+        build_trainer(load_config(TINY, OVERRIDES + [f"data.uri={local_uri}", "data.val_split=holdout"]))

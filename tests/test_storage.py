@@ -12,7 +12,14 @@ import pytest
 
 from proco_ray.errors import StorageError
 from proco_ray.storage import (
-    LocalS3Server, S3Settings, aws_settings, ensure_bucket, free_port, resolve, s3_filesystem, storage_errors,
+    LocalS3Server,
+    S3Settings,
+    aws_settings,
+    ensure_bucket,
+    free_port,
+    resolve,
+    s3_filesystem,
+    storage_errors,
 )  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """The per-worker loop in a plain process: epochs, metrics, checkpoints, exact resume."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,18 +11,8 @@ from proco_ray.feeds import tensor_feed
 from proco_ray.synthetic import generate_images
 from proco_ray.train_loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
 
-OVERRIDES = [
-    "data.image_size=16",
-    "data.batch_size=16",
-    "model.arch=resnet18",
-    "model.small_input=true",
-    "model.feat_dim=16",
-    "model.hidden_dim=32",
-    "method.gamma=4",
-    "method.queue_size=40",
-    "optim.epochs=3",
-    "optim.warmup_epochs=1",
-]
+TINY = Path(__file__).parent / "tiny.yaml"
+OVERRIDES = ["optim.epochs=3"]
 
 
 def small_feed(seed=0):
@@ -39,7 +31,7 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("method", ["proco", "cl_resample"])
 def test_loop_reports_every_epoch_and_test_at_the_end(tmp_path, method):
-    config = load_config(None, OVERRIDES + [f"method.name={method}"])
+    config = load_config(TINY, OVERRIDES + [f"method.name={method}"])
     reports = LocalCheckpoints(tmp_path / "ckpt", keep=1)
     metrics = train_worker(config, small_feed(), WorkerEnv(report=reports, log_dir=tmp_path / "tb", print_progress=False))
     assert [m["epoch"] for m in reports.history] == [1, 2, 3]
@@ -50,7 +42,7 @@ def test_loop_reports_every_epoch_and_test_at_the_end(tmp_path, method):
 
 
 def test_resume_continues_exactly(tmp_path):
-    config = load_config(None, OVERRIDES)
+    config = load_config(TINY, OVERRIDES)
     straight = LocalCheckpoints(tmp_path / "straight", keep=3)
     train_worker(config, small_feed(), WorkerEnv(report=straight, print_progress=False))
 
@@ -68,10 +60,10 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path):
-    config = load_config(None, OVERRIDES + ["optim.epochs=1"])
+    config = load_config(TINY, OVERRIDES + ["optim.epochs=1"])
     reports = LocalCheckpoints(tmp_path / "ckpt")
     train_worker(config, small_feed(), WorkerEnv(report=reports, print_progress=False))
-    other = load_config(None, OVERRIDES + ["model.feat_dim=8"])
+    other = load_config(TINY, OVERRIDES + ["model.feat_dim=8"])
     with pytest.raises(CheckpointError, match="model.feat_dim"):
         train_worker(other, small_feed(), WorkerEnv(resume_from=reports.latest, print_progress=False))
     (reports.latest / "checkpoint.pt").write_bytes(b"not a checkpoint")

@@ -1,5 +1,7 @@
 """ProCo under Ray Train's TorchTrainer: synchronised state across gloo workers, checkpoints, bad input."""
 
+from pathlib import Path
+
 import pytest
 import ray
 import torch
@@ -10,24 +12,12 @@ from proco_ray.feeds import GeneratedFeed
 from proco_ray.trainer import check_resources, fit
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
-OVERRIDES = [
-    "data.image_size=16",
-    "data.batch_size=16",
-    "model.arch=resnet18",
-    "model.small_input=true",
-    "model.feat_dim=16",
-    "model.hidden_dim=32",
-    "model.norm=group",
-    "model.batch_norm=shuffle",
-    "method.gamma=4",
-    "method.queue_size=40",
-    "optim.epochs=2",
-    "optim.warmup_epochs=1",
-]
+TINY = Path(__file__).parent / "tiny.yaml"
+OVERRIDES = ["model.norm=group", "model.batch_norm=shuffle"]
 
 
 def run(tmp_path, name, workers, extra=()):
-    config = load_config(None, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra))
+    config = load_config(TINY, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra))
     return fit(config, FEED)
 
 
@@ -48,10 +38,10 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(ray_local, tmp_
 
 
 def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
-    config = load_config(None, OVERRIDES + ["train.num_workers=64"])
+    config = load_config(TINY, OVERRIDES + ["train.num_workers=64"])
     with pytest.raises(ConfigError, match="num_workers=64"):
         check_resources(config)
-    gpus = load_config(None, OVERRIDES + ["train.use_gpu=true"])
+    gpus = load_config(TINY, OVERRIDES + ["train.use_gpu=true"])
     if not ray.cluster_resources().get("GPU"):
         with pytest.raises(ConfigError, match="GPUs"):
             check_resources(gpus)

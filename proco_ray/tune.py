@@ -1,0 +1,549 @@
+"""Ray Tune adapter: an experiment (configs/tune/*.yaml) as a sweep of TorchTrainer trials, then its tables and plots.
+
+Train V2 inside Tune: each Tune trial (`ProCoTrial`) builds its Config and its
+TorchTrainer with `build_trainer(..., callbacks=[ReportToTrial(...)])` and runs
+`fit()`; the callback forwards every epoch's report to the trial, where ASHA
+decides which trials continue. It plays the part of Ray's `TuneReportCallback`
+and also ends the Train run when Tune stops the trial, so a stopped trial's
+workers (and their placement group) are released before the next trial starts.
+The trial actor holds 1 CPU and only drives its trainer (the Train controller
+takes none); the workers hold train.num_workers x train.cpus_per_worker (+1 GPU each).
+
+Layout of `<storage>/<name>/`:
+    experiment.json            the definition, to refuse resuming with a different one
+    tuner.pkl, experiment_state-*.json, basic-variant-state-*.json   Tune's state (resume)
+    <trial>/                   Tune's per-trial results (result.json, progress.csv, TensorBoard + HParams)
+    <trial>/train/             the trial's Train run: checkpoints, rank-0 TensorBoard, config.yaml
+    results/                   results.md, results.csv, trials.csv, best.yaml, *.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ray
+import ray.tune
+import yaml
+from ray.train import UserCallback
+from ray.tune import Tuner
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from proco_ray.cluster import connect_or_start_ray
+from proco_ray.config import Config, ConfigError, load_config, parse_overrides
+from proco_ray.experiments import (
+    DRIVER_CPUS,
+    SEED_KEY,
+    Asha,
+    Domain,
+    Experiment,
+    TrialRecord,
+    asha_rungs,
+    base_tree,
+    best_group,
+    best_trial,
+    curves,
+    final_metrics,
+    load_experiment,
+    max_concurrent_trials,
+    product_labels,
+    summarise_groups,
+    table_rows,
+    trial_config,
+    trial_overrides,
+    trial_resources,
+    validate,
+)
+from proco_ray.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
+from proco_ray.storage import is_s3, join, read_bytes, resolve, write_bytes
+from proco_ray.trainer import FeedFactory, build_trainer, check_manifest, save_resolved_config
+
+STOP_TIMEOUT_S = 540.0  # below Tune's TUNE_FORCE_TRIAL_CLEANUP_S (600 s), after which it kills the trial
+HPARAM_METRICS = tuple(f"{split}/{name}" for split in ("val", "test") for name in ("accuracy", "macro_f1", "balanced_accuracy"))
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial needs besides its parameters; picklable, shipped once via `tune.with_parameters`."""
+
+    base: Mapping[str, Any]
+    variants: Mapping[str, Mapping[str, Any]]
+    experiment_uri: str
+    feed_factory: FeedFactory | None = None
+
+    def config(self, params: Mapping[str, Any], trial_dir_name: str) -> Config:
+        """The trial's Config; its Train run lives in the trial's folder, so a restarted trial resumes it."""
+        return trial_config(
+            self.base, self.variants, params, storage_path=join(self.experiment_uri, trial_dir_name), name="train"
+        )
+
+
+class TrialStopped(RuntimeError):
+    """Raised in the Train controller once Ray Tune has stopped the trial (ASHA), to end the run cleanly."""
+
+
+class TrialChannel:
+    """A tiny actor between a trial's Train controller and its Tune trial: epochs one way, the stop request back."""
+
+    def __init__(self) -> None:
+        self._items: list[dict[str, Any]] = []
+        self._stopped = False
+
+    def put(self, metrics: dict[str, Any]) -> bool:
+        if self._stopped:
+            return False
+        self._items.append(metrics)
+        return True
+
+    def take(self) -> list[dict[str, Any]]:
+        items, self._items = self._items, []
+        return items
+
+    def stop(self) -> None:
+        self._stopped = True
+
+
+class ReportToTrial(UserCallback):
+    """Train V2 controller callback: forward each epoch's rank-0 metrics to the trial; end the run once it is stopped.
+
+    Like Ray's `TuneReportCallback`, plus the way back: when ASHA stops a trial,
+    the next report raises here, and Train shuts its worker group down itself,
+    releasing the workers' placement group. (With `TuneReportCallback` the stopped
+    trial's actor dies, taking the controller with it, and the group's placement
+    group stays reserved unless Train's PlacementGroupCleaner can reach the State
+    API — it cannot without a dashboard, so later trials waited forever.)
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path
+        if not ray.get(self.channel.put.remote(item)):
+            raise TrialStopped("Ray Tune stopped this trial; ending its Train run")
+
+
+class ProCoTrial(ray.tune.Trainable):
+    """One Tune trial: runs the trial's TorchTrainer in a thread; each `step` is one reported epoch.
+
+    The trial actor only drives the trainer (its controller takes 0 CPUs; the workers
+    get their own placement group). `cleanup` (Tune stopped or finished the trial)
+    asks the Train run to end and waits until it has released its workers.
+    """
+
+    def setup(self, config: dict[str, Any], setup: TrialSetup) -> None:
+        self._channel = ray.remote(num_cpus=0)(TrialChannel).remote()
+        trial_config_ = setup.config(config, Path(self.logdir).name)
+        self._epochs = trial_config_.optim.epochs
+        trainer = build_trainer(trial_config_, setup.feed_factory, callbacks=[ReportToTrial(self._channel)])
+        save_resolved_config(trial_config_)
+        self._pending: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="proco-trial-fit", daemon=True)
+        self._thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised in step()
+            self._error = error
+        finally:
+            self._finished.set()
+
+    def step(self) -> dict[str, Any]:
+        while not self._pending:
+            finished = self._finished.wait(timeout=0.2)
+            self._pending += ray.get(self._channel.take.remote())
+            if not self._pending and finished:
+                if self._error is not None:
+                    raise self._error
+                raise RuntimeError("the Train run ended without reporting an epoch")
+        metrics = self._pending.pop(0)
+        return {**metrics, "done": int(metrics.get("epoch", 0)) >= self._epochs}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
+        """Nothing to save at the Tune level: the Train run checkpoints itself and resumes from its own checkpoints."""
+        return {}
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """See `save_checkpoint`: a restarted trial's Train run finds its checkpoints in the trial folder."""
+
+    def cleanup(self) -> None:
+        ray.get(self._channel.stop.remote())
+        # The run ends at its next report (within one epoch); Tune waits for stop() before reclaiming the trial.
+        self._finished.wait(timeout=STOP_TIMEOUT_S)
+
+
+def trial_dirname(trial: Any) -> str:
+    """`<trial id>-<variant or params>`: readable TensorBoard run names (module level: pickled for resume)."""
+    params = trial.evaluated_params or {}
+    label = "_".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    label = re.sub(r"[^A-Za-z0-9_.=+-]", "", label.replace("variant=", ""))[:80]
+    return f"{trial.trial_id}-{label}" if label else trial.trial_id
+
+
+class HParamsLogger(TBXLoggerCallback):
+    """Tune's TensorBoard logger (per-trial scalars + HParams), with only the headline metrics in the HParams table.
+
+    Being a TBXLoggerCallback, it replaces Tune's default one instead of doubling it.
+    """
+
+    def _try_log_hparams(self, trial: Any, result: dict) -> None:
+        keep = {k: v for k, v in result.items() if k.removeprefix("ray/tune/") in HPARAM_METRICS + ("epoch",)}
+        super()._try_log_hparams(trial, keep)
+
+
+def to_tune(domain: Domain) -> Any:
+    """A search Domain as a Tune search-space object."""
+    if domain.kind == "grid":
+        return domain.values[0] if len(domain.values) == 1 else ray.tune.grid_search(list(domain.values))
+    if domain.kind == "choice":
+        return ray.tune.choice(list(domain.values))
+    if domain.kind == "uniform":
+        return ray.tune.uniform(*domain.values)
+    if domain.kind == "loguniform":
+        return ray.tune.loguniform(*domain.values)
+    if domain.kind == "randint":
+        return ray.tune.randint(*domain.values)
+    raise ConfigError(f"unknown search kind '{domain.kind}'")
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepPlan:
+    """What `validate_sweep` settled before anything starts."""
+
+    configs: list[Config]
+    max_epochs: int
+    per_trial: dict[str, float]
+    max_concurrent: int
+
+
+def validate_sweep(experiment: Experiment, base: Mapping[str, Any], cluster: Mapping[str, float],
+                   feed_factory: FeedFactory | None, max_concurrent: int | None = None) -> SweepPlan:  # fmt: skip
+    """Every check that can fail before a trial starts: keys, values, metric, resources, data."""
+    configs = validate(experiment, base)
+    per_trial: dict[str, float] = {}
+    for config in configs:
+        for resource, amount in trial_resources(config).items():
+            per_trial[resource] = max(per_trial.get(resource, 0.0), amount)
+    autoscaling = any(c.train.wait_for_autoscaler for c in configs)
+    fits = max_concurrent_trials(cluster, per_trial, autoscaling)
+    if feed_factory is None:
+        _check_data(configs)
+    return SweepPlan(configs, max(c.optim.epochs for c in configs), per_trial, max_concurrent or fits)
+
+
+def _check_data(configs: Sequence[Config]) -> None:
+    from proco_ray.pipeline import read_manifest
+
+    uris = {c.data.uri for c in configs}
+    if "" in uris:
+        raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
+    manifests = {uri: read_manifest(uri) for uri in uris}
+    for config in configs:
+        check_manifest(config, manifests[config.data.uri])
+
+
+def _definition(experiment: Experiment, base: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "base": base}, default=str))
+
+
+def _check_same_definition(experiment_uri: str, definition: dict[str, Any]) -> None:
+    """Resuming with a changed search space or base config would mix two experiments in one table."""
+    saved = read_bytes(join(experiment_uri, "experiment.json"))
+    if saved is None:
+        return
+    previous = json.loads(saved)
+    if previous == definition:
+        return
+    changed = sorted(
+        {f"experiment.{k}" for k in definition["experiment"] if previous["experiment"].get(k) != definition["experiment"][k]}
+        | {f"base.{k}" for k in definition["base"] if previous["base"].get(k) != definition["base"][k]}
+    )
+    raise ConfigError(
+        f"the sweep at {experiment_uri} was started with a different definition (changed: {', '.join(changed)}); "
+        "resume it unchanged, or pass a new --name"
+    )
+
+
+def build_tuner(experiment: Experiment, plan: SweepPlan, trainable: Any, name: str, storage_path: str) -> Tuner:
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=plan.max_epochs,
+            grace_period=experiment.asha.grace_period,
+            reduction_factor=experiment.asha.reduction_factor,
+        )
+        if experiment.asha is not None
+        else FIFOScheduler()
+    )
+    return Tuner(
+        trainable,
+        param_space={key: to_tune(domain) for key, domain in experiment.plan().items()},
+        tune_config=ray.tune.TuneConfig(
+            metric=experiment.metric,
+            mode=experiment.mode,
+            scheduler=scheduler,
+            num_samples=experiment.num_samples,
+            max_concurrent_trials=plan.max_concurrent,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage_path, callbacks=[HParamsLogger()]),
+    )
+
+
+@dataclass
+class SweepResult:
+    experiment_uri: str
+    records: list[TrialRecord]
+    outputs: dict[str, str]
+    resumed: bool
+
+
+def sweep(
+    experiment: Experiment,
+    base: Mapping[str, Any],
+    *,
+    name: str,
+    storage_path: str,
+    feed_factory: FeedFactory | None = None,
+    resume: bool | None = None,
+    max_concurrent: int | None = None,
+) -> SweepResult:
+    """Run (or resume) the experiment on the connected Ray cluster and write its results.
+
+    `resume=None` resumes a sweep found at `<storage_path>/<name>` and starts one
+    otherwise; `resume=True` insists on resuming. Finished trials are not rerun;
+    unfinished and failed ones restart, and their Train runs resume from their
+    latest checkpoints.
+    """
+    plan = validate_sweep(experiment, base, ray.cluster_resources(), feed_factory, max_concurrent)
+    storage = storage_path if is_s3(storage_path) else os.path.abspath(storage_path)
+    experiment_uri = join(storage, name)
+    definition = _definition(experiment, base)
+    setup = TrialSetup(dict(base), {k: dict(v) for k, v in experiment.variants.items()}, experiment_uri, feed_factory)
+    # The trial actor only drives the trainer; Train places the workers' resources itself.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(ProCoTrial, setup=setup), {"cpu": DRIVER_CPUS})
+    resumed = Tuner.can_restore(experiment_uri)
+    if resumed:
+        _check_same_definition(experiment_uri, definition)
+        tuner = Tuner.restore(experiment_uri, trainable=trainable, resume_errored=True)
+    elif resume:
+        raise ConfigError(f"nothing to resume at {experiment_uri}: no Tune experiment state there")
+    else:
+        write_bytes(join(experiment_uri, "experiment.json"), json.dumps(definition, indent=2).encode())
+        tuner = build_tuner(experiment, plan, trainable, name, storage)
+    grid = tuner.fit()
+    records = records_from(grid)
+    outputs = write_results(records, experiment, experiment_uri, plan.max_epochs)
+    return SweepResult(experiment_uri, records, outputs, resumed)
+
+
+def records_from(grid: ray.tune.ResultGrid) -> list[TrialRecord]:
+    """Each trial's parameters and per-epoch history from Tune's results (progress.csv)."""
+    records = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        history = []
+        if frame is not None:
+            for row in frame.to_dict("records"):
+                history.append({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
+        history.sort(key=lambda row: (row.get("epoch", 0), row.get("timestamp", 0)))
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("-")[0]
+        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
+        records.append(TrialRecord(str(trial_id), dict(result.config or {}), history, error))
+    return sorted(records, key=lambda r: r.trial_id)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _outcome(record: TrialRecord, max_epochs: int) -> str:
+    if record.error is not None:
+        return "failed"
+    return "completed" if record.epochs >= max_epochs else "stopped"
+
+
+def write_results(records: Sequence[TrialRecord], experiment: Experiment, experiment_uri: str, max_epochs: int) -> dict[str, str]:
+    """results/ in the experiment folder: markdown + CSV tables (mean ± std over seeds), best config, plots."""
+    if is_s3(experiment_uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            names = _write_results_to(Path(tmp), records, experiment, max_epochs)
+            import pyarrow.fs as pafs
+
+            fs, path = resolve(join(experiment_uri, "results"))
+            fs.create_dir(path, recursive=True)
+            pafs.copy_files(tmp, path, destination_filesystem=fs)
+        return {key: join(experiment_uri, "results", name) for key, name in names.items()}
+    out = Path(experiment_uri) / "results"
+    names = _write_results_to(out, records, experiment, max_epochs)
+    return {key: str(out / name) for key, name in names.items()}
+
+
+def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Experiment, max_epochs: int) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    groups = summarise_groups(records, max_epochs, order=product_labels(experiment) if experiment.variants else ())
+    rungs = asha_rungs(max_epochs, experiment.asha.grace_period, experiment.asha.reduction_factor) if experiment.asha else []
+    names: dict[str, str] = {}
+
+    trial_rows = []
+    for r in records:
+        source, final = final_metrics(r.history)
+        last = r.history[-1] if r.history else {}
+        trial_rows.append({
+            "trial": r.trial_id, "variant": r.group, "seed": r.params.get(SEED_KEY, ""), "outcome": _outcome(r, max_epochs),
+            "epochs": r.epochs, "metrics from": source, **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+            experiment.metric: last.get(experiment.metric, ""), "error": r.error or "",
+        })  # fmt: skip
+    if trial_rows:
+        names["trials_csv"] = write_csv(trial_rows, out / "trials.csv").name
+    if groups:
+        names["csv"] = write_csv(table_rows(groups, markdown=False), out / "results.csv").name
+
+    best = best_group(groups)
+    top = best_trial(records, experiment.metric, experiment.mode)
+    if best is not None:
+        variants = {k: dict(v) for k, v in experiment.variants.items()}
+        best_yaml = {
+            "variant": best.group,
+            "overrides": trial_overrides(variants, best.params),
+            "macro_f1": {"mean": best.stats["macro_f1"][0], "std": best.stats["macro_f1"][1], "seeds": best.n},
+            "metrics_from": list(best.sources),
+        }
+        (out / "best.yaml").write_text(yaml.safe_dump(best_yaml, sort_keys=False))
+        names["best"] = "best.yaml"
+
+    for metric in dict.fromkeys((experiment.metric, "val/macro_f1")):
+        points = curves(records, metric)
+        stopped = [f"{r.group} [{r.trial_id}]" for r in records if _outcome(r, max_epochs) == "stopped"]
+        file = f"curves_{metric.replace('/', '_')}.png"
+        plot_trial_curves(points, out / file, metric, stopped=stopped, rungs=rungs)
+        names[f"curves:{metric}"] = file
+    recall = {g.group: g.recall for g in groups if g.recall}
+    if recall:
+        plot_grouped_bars(recall, out / "recall.png", "recall (mean ± std over seeds)", "per-class recall per variant")
+        names["recall"] = "recall.png"
+    reached = [(f"{r.group} [{r.trial_id}]", r.epochs, _outcome(r, max_epochs)) for r in records]
+    if reached:
+        plot_epochs_reached(reached, out / "epochs.png", max_epochs, rungs)
+        names["epochs"] = "epochs.png"
+
+    lines = [f"# {experiment.name}", ""]
+    if experiment.description:
+        lines += [experiment.description.strip(), ""]
+    lines += [
+        f"{len(records)} trials; {sum(_outcome(r, max_epochs) == 'completed' for r in records)} ran all {max_epochs} epochs, "
+        f"stopped early by ASHA: {sum(_outcome(r, max_epochs) == 'stopped' for r in records)}, "
+        f"failed: {sum(_outcome(r, max_epochs) == 'failed' for r in records)}.",
+        "",
+        "Metrics are mean ± sample std over seeds. *metrics from* says which split: `test` (test/* of the last "
+        "epoch) for trials that ran all epochs, `val` (the last val/* reported) for trials stopped early.",
+        "",
+        markdown_table(table_rows(groups, markdown=True)) if groups else "(no trial reported a result)\n",
+    ]
+    if best is not None:
+        lines += [
+            f"**Best variant/config** (mean macro-F1): `{best.group}` — "
+            f"{best.stats['macro_f1'][0]:.3f} ± {best.stats['macro_f1'][1]:.3f} over {best.n} seed(s); overrides in best.yaml.",
+            "",
+        ]
+    if top is not None:
+        lines += [f"**Best trial** by {experiment.metric} ({experiment.mode}): `{top.trial_id}` ({top.group}), "
+                  f"{top.history[-1][experiment.metric]:.4g} at epoch {top.epochs}.", ""]  # fmt: skip
+    lines += [f"![{key}]({file})" for key, file in names.items() if file.endswith(".png")]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    names["markdown"] = "results.md"
+    return names
+
+
+def report(experiment_uri: str, experiment: Experiment | None = None) -> dict[str, str]:
+    """(Re)write results/ for an existing sweep without running anything (e.g. while it is still running)."""
+    saved = read_bytes(join(experiment_uri, "experiment.json"))
+    if experiment is None:
+        if saved is None:
+            raise ConfigError(f"no experiment.json at {experiment_uri}: not a proco-ray sweep")
+        experiment = _experiment_from_definition(json.loads(saved)["experiment"])
+    base = json.loads(saved)["base"] if saved else {}
+    setup = TrialSetup(base, {k: dict(v) for k, v in experiment.variants.items()}, experiment_uri)
+    grid = Tuner.restore(experiment_uri, trainable=ray.tune.with_parameters(ProCoTrial, setup=setup)).get_results()
+    configs = validate(experiment, base)
+    return write_results(records_from(grid), experiment, experiment_uri, max(c.optim.epochs for c in configs))
+
+
+def _experiment_from_definition(values: Mapping[str, Any]) -> Experiment:
+    return Experiment(
+        **{
+            **values,
+            "seeds": tuple(values["seeds"]),
+            "search_space": {k: Domain(d["kind"], tuple(d["values"])) for k, d in values["search_space"].items()},
+            "asha": Asha(**values["asha"]) if values["asha"] else None,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="hparams, ablation, baselines (configs/tune/) or a YAML path")
+    parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
+    parser.add_argument("--data", help="prepared dataset URI (sets data.uri)")
+    parser.add_argument("--name", help="experiment folder name (default: <train.name>-<experiment name>)")
+    parser.add_argument("--storage", help="where experiments live (default: train.storage_path)")
+    parser.add_argument("--num-samples", type=int, help="override the experiment's num_samples")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
+    parser.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep (it resumes anyway when found)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite results/ of an existing sweep, train nothing")
+    parser.add_argument("--generated", action="store_true", help="train on generated long-tailed images (smoke tests; no --data)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config, e.g. optim.epochs=50")
+
+
+def generated_feed(config: Config) -> FeedFactory:
+    from proco_ray.feeds import GeneratedFeed
+    from proco_ray.synthetic import long_tailed_counts
+
+    classes = config.data.num_classes or 5
+    return GeneratedFeed(tuple(long_tailed_counts(classes, head=160, imbalance=16)), (40,) * classes, config.data.image_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.experiment)
+    if args.num_samples is not None:
+        experiment = dataclasses.replace(experiment, num_samples=args.num_samples)
+    overrides = list(args.overrides) + ([f"data.uri={args.data}"] if args.data else [])
+    config_file = args.config or experiment.base
+    base_config = load_config(config_file, overrides)  # validates the file and the overrides
+    base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
+    name = args.name or f"{base_config.train.name}-{experiment.name}"
+    storage = args.storage or base_config.train.storage_path
+    connect_or_start_ray(num_cpus=os.cpu_count())
+    if args.report_only:
+        print(json.dumps(report(join(storage if is_s3(storage) else os.path.abspath(storage), name), experiment), indent=2))
+        return 0
+    feed = generated_feed(base_config) if args.generated else None
+    result = sweep(experiment, base, name=name, storage_path=storage, feed_factory=feed, resume=args.resume or None,
+                   max_concurrent=args.max_concurrent)  # fmt: skip
+    failed = [r for r in result.records if r.error]
+    print(Path(result.outputs["markdown"]).read_text() if not is_s3(result.experiment_uri) else "")
+    print(json.dumps({"experiment": result.experiment_uri, "resumed": result.resumed, "outputs": result.outputs,
+                      "failed_trials": [f"{r.trial_id}: {r.error}" for r in failed]}, indent=2))  # fmt: skip
+    return 1 if failed else 0
