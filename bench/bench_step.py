@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -26,6 +25,7 @@ from proco_ray.losses import PrototypeRecalibration, adversarial_negatives, adve
 from proco_ray.methods import ProCo, build_method
 from proco_ray.queue import SampleQueue
 from proco_ray.report import markdown_table
+from proco_ray.storage import free_port
 
 
 def synchronize(device: torch.device) -> None:
@@ -150,12 +150,6 @@ def proco_parts_table(args: argparse.Namespace, device: torch.device) -> list[di
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
@@ -181,7 +175,7 @@ def sync_table(args: argparse.Namespace) -> list[dict]:
     manager = mp.Manager()
     results = manager.dict()
     for world in (1, 2):
-        mp.spawn(_sync_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
+        mp.spawn(_sync_worker, args=(world, free_port(), args, results), nprocs=world, join=True)
     return [
         {"workers": w, "global batch": args.batch_sizes[-1], "queue M": args.queue_sizes[-1], "sync ms per step": results[w] * 1e3}
         for w in (1, 2)

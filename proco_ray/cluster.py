@@ -27,14 +27,16 @@ def reachable(address: str, timeout_s: float = 3.0) -> bool:
 
 
 def cluster_address(temp_dir: str | None = None) -> str | None:
-    """The cluster to join: RAY_ADDRESS, else the live one `ray start` recorded on this machine.
+    """The cluster to join: RAY_ADDRESS, else the live one `ray start` recorded on this machine; None: start one here.
 
     A record left behind by a crashed cluster is ignored (Ray itself would wait minutes on it);
     an unreachable RAY_ADDRESS is an error, since the user named it.
     """
     named = os.environ.get("RAY_ADDRESS", "")
+    if named == "local":
+        return None
     if named:
-        if named.startswith(("ray://", "http://", "https://")) or named in ("auto", "local") or reachable(named):
+        if named.startswith(("ray://", "http://", "https://")) or named == "auto" or reachable(named):
             return named
         raise ConfigError(f"RAY_ADDRESS={named} names a Ray cluster that does not answer")
     recorded = find_bootstrap_address(temp_dir)

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+DATA_CPUS = 1
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used as written."""
@@ -113,6 +115,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_resources(self, streams_data: bool = True) -> dict[str, float]:
+        """What one training run holds on a Ray cluster: its workers (+1 GPU each), and one CPU beside
+        them for Ray Data to decode and augment the images (with none left, the workers wait forever)."""
+        cpus = self.train.num_workers * self.train.cpus_per_worker + (DATA_CPUS if streams_data else 0)
+        need = {"CPU": float(cpus)}
+        if self.train.use_gpu:
+            need["GPU"] = float(self.train.num_workers)
+        return need
+
 
 def _closest(key: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
@@ -203,20 +214,24 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file by path, or by name (`isic2018`, `isic2018.yaml`) from the project's configs/ folder.
+def find_named_file(name: str | Path, folder: Path, what: str) -> Path:
+    """A file by path, or by name (`isic2018`, `isic2018.yaml`) from one of the project's folders.
 
     The name form lets job scripts shipped alone to a cluster (`ray submit`) find
-    the configs of the installed project.
+    the files of the installed project.
     """
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
         if candidate.is_file():
             return candidate
-    known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise ConfigError(f"config file not found: {name} (nor in {CONFIG_DIR}, which has {known})")
+    known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise ConfigError(f"{what} not found: {name} (nor in {folder}, which has {known})")
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    return find_named_file(name, CONFIG_DIR, "config file")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from proco_ray.config import Config, ConfigError, config_from_dict, merge
+from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, find_named_file, merge
 
 CONFIG_TUNE_DIR = Path(__file__).resolve().parent.parent / "configs" / "tune"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -263,15 +263,7 @@ def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_experiment_path(name: str | Path) -> Path:
-    """An experiment file by path, or by name (`ablation`) from configs/tune/."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_TUNE_DIR / path.name, CONFIG_TUNE_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in CONFIG_TUNE_DIR.glob("*.yaml")) if CONFIG_TUNE_DIR.is_dir() else []
-    raise ConfigError(f"experiment not found: {name} (nor in {CONFIG_TUNE_DIR}, which has {known})")
+    return find_named_file(name, CONFIG_TUNE_DIR, "experiment")
 
 
 def load_experiment(name: str | Path) -> Experiment:
@@ -388,12 +380,10 @@ def validate(experiment: Experiment, base: Mapping[str, Any]) -> list[Config]:
     return configs
 
 
-def trial_resources(config: Config) -> dict[str, float]:
-    """What one trial holds: its TorchTrainer's workers plus the Tune trial actor that drives them."""
-    train = config.train
-    need = {"CPU": train.num_workers * train.cpus_per_worker + DRIVER_CPUS}
-    if train.use_gpu:
-        need["GPU"] = float(train.num_workers)
+def trial_resources(config: Config, streams_data: bool = True) -> dict[str, float]:
+    """What one trial holds: its training run (workers, Ray Data) plus the Tune trial actor that drives it."""
+    need = config.run_resources(streams_data)
+    need["CPU"] += DRIVER_CPUS
     return need
 
 
@@ -406,8 +396,8 @@ def max_concurrent_trials(cluster: Mapping[str, float], need: Mapping[str, float
         have = ", ".join(f"{r}={cluster.get(r, 0):g}" for r in need)
         wants = ", ".join(f"{r}={a:g}" for r, a in need.items())
         raise ConfigError(
-            f"one trial needs {wants} (train.num_workers x train.cpus_per_worker [+1 GPU each] + {DRIVER_CPUS:g} CPU "
-            f"for the Tune trial driver), the Ray cluster has {have} "
+            f"one trial needs {wants} (train.num_workers x train.cpus_per_worker [+1 GPU each], {DATA_CPUS} CPU for "
+            f"Ray Data when it streams the data, {DRIVER_CPUS:g} CPU for the Tune trial driver), the Ray cluster has {have} "
             "(set train.wait_for_autoscaler=true on an autoscaling cluster)"
         )
     return fits

@@ -9,13 +9,27 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """A PNG of the confusion matrix, rows normalised to recall, with the counts written in each cell."""
+def _pyplot():
+    """matplotlib without a display (workers and CI have none); imported only when a picture is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """A PNG of the confusion matrix, rows normalised to recall, with the counts written in each cell."""
+    plt = _pyplot()
     counts = np.asarray(confusion, dtype=np.int64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.7 * len(class_names) + 2)
@@ -31,11 +45,7 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -70,15 +80,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- Ray Tune experiments
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_trial_curves(
     curves: dict[str, Sequence[tuple[int, float]]],
     path: str | Path,
@@ -105,11 +106,7 @@ def plot_trial_curves(
     ax.set_title(title or f"{metric} per epoch (X: stopped early by ASHA; dotted: ASHA rungs)")
     if len(curves) <= 24:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_grouped_bars(
@@ -134,11 +131,7 @@ def plot_grouped_bars(
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_epochs_reached(
@@ -162,8 +155,4 @@ def plot_epochs_reached(
     ax.legend(handles, list(colours), fontsize=7, loc="lower right")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("last epoch reached (dotted: ASHA rungs, solid: optim.epochs)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from proco_ray.cluster import connect_or_start_ray
-from proco_ray.config import Config, ConfigError, config_from_dict, load_config, save_config
+from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.feeds import Batch, DataFeed
 from proco_ray.methods import METHODS
 from proco_ray.pipeline import Manifest, build_dataset, read_manifest
@@ -55,22 +55,21 @@ def check_manifest(config: Config, manifest: Manifest) -> None:
         )
 
 
-def check_resources(config: Config) -> None:
-    """Refuse, before anything starts, a worker group the cluster cannot hold (Ray would wait forever)."""
+def check_resources(config: Config, streams_data: bool = True) -> None:
+    """Refuse, before anything starts, a run the cluster cannot hold (Ray would wait forever)."""
     if config.train.wait_for_autoscaler:
         return
     available = ray.cluster_resources()
-    workers = config.train.num_workers
-    need_cpu = workers * config.train.cpus_per_worker
-    if need_cpu > available.get("CPU", 0):
+    need = config.run_resources(streams_data)
+    short = {r: a for r, a in need.items() if a > available.get(r, 0)}
+    if short:
         raise ConfigError(
-            f"train.num_workers={workers} x train.cpus_per_worker={config.train.cpus_per_worker} needs {need_cpu} CPUs, "
-            f"the Ray cluster has {available.get('CPU', 0):g} (set train.wait_for_autoscaler=true on an autoscaling cluster)"
-        )
-    if config.train.use_gpu and workers > available.get("GPU", 0):
-        raise ConfigError(
-            f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs, the Ray cluster has "
-            f"{available.get('GPU', 0):g} (set train.wait_for_autoscaler=true on an autoscaling cluster)"
+            f"train.num_workers={config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker}"
+            f"{' (+1 GPU each, train.use_gpu=true)' if config.train.use_gpu else ''}"
+            f"{f' + {DATA_CPUS} CPU for Ray Data' if streams_data else ''} needs "
+            + ", ".join(f"{r}={a:g}" for r, a in need.items())
+            + ", the Ray cluster has " + ", ".join(f"{r}={available.get(r, 0):g}" for r in need)
+            + " (set train.wait_for_autoscaler=true on an autoscaling cluster)"
         )
 
 
@@ -236,7 +235,7 @@ def save_resolved_config(config: Config) -> str:
 
 def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
     """Train on the connected Ray cluster; rerunning with the same train.name and storage resumes."""
-    check_resources(config)
+    check_resources(config, streams_data=feed_factory is None)
     trainer = build_trainer(config, feed_factory)
     save_resolved_config(config)
     return trainer.fit()
@@ -267,8 +266,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if not config.data.uri:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
-    needed = config.train.num_workers * config.train.cpus_per_worker
-    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, needed + 1))
+    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, int(config.run_resources()["CPU"])))
     summary = json.dumps(summarise(fit(config), config), indent=2, default=str)
     print(summary)
     print(f"summary written to {write_run_file(config, 'summary.json', summary.encode())}")

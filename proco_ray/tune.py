@@ -243,7 +243,7 @@ def validate_sweep(experiment: Experiment, base: Mapping[str, Any], cluster: Map
     configs = validate(experiment, base)
     per_trial: dict[str, float] = {}
     for config in configs:
-        for resource, amount in trial_resources(config).items():
+        for resource, amount in trial_resources(config, streams_data=feed_factory is None).items():
             per_trial[resource] = max(per_trial.get(resource, 0.0), amount)
     autoscaling = any(c.train.wait_for_autoscaler for c in configs)
     fits = max_concurrent_trials(cluster, per_trial, autoscaling)
@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
     name = args.name or f"{base_config.train.name}-{experiment.name}"
     storage = args.storage or base_config.train.storage_path
-    connect_or_start_ray(num_cpus=os.cpu_count())
+    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, int(trial_resources(base_config, streams_data=not args.generated)["CPU"])))
     if args.report_only:
         print(json.dumps(report(join(storage if is_s3(storage) else os.path.abspath(storage), name), experiment), indent=2))
         return 0

@@ -41,9 +41,14 @@ def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
     config = load_config(TINY, OVERRIDES + ["train.num_workers=64"])
     with pytest.raises(ConfigError, match="num_workers=64"):
         check_resources(config)
+    cpus = int(ray.cluster_resources()["CPU"])
+    filling = load_config(TINY, OVERRIDES + [f"train.num_workers={cpus}"])
+    check_resources(filling, streams_data=False)
+    with pytest.raises(ConfigError, match="CPU for Ray Data"):
+        check_resources(filling)
     gpus = load_config(TINY, OVERRIDES + ["train.use_gpu=true"])
     if not ray.cluster_resources().get("GPU"):
-        with pytest.raises(ConfigError, match="GPUs"):
+        with pytest.raises(ConfigError, match="GPU=1"):
             check_resources(gpus)
 
 

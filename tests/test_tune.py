@@ -37,23 +37,12 @@ from proco_ray.experiments import (
 from proco_ray.feeds import GeneratedFeed
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
-TINY = [
-    "data.image_size=16",
-    "data.batch_size=16",
-    "model.arch=resnet18",
-    "model.small_input=true",
-    "model.feat_dim=16",
-    "model.hidden_dim=32",
-    "model.norm=group",
-    "method.gamma=4",
-    "method.queue_size=40",
-    "optim.warmup_epochs=1",
-    "train.num_workers=1",
-]
+TINY_CONFIG = Path(__file__).parent / "tiny.yaml"
+TINY = ["model.norm=group", "train.num_workers=1"]
 
 
 def tiny_base(experiment, epochs: int) -> dict:
-    return base_tree(load_config(None).to_dict(), experiment, parse_overrides(TINY + [f"optim.epochs={epochs}"]))
+    return base_tree(load_config(TINY_CONFIG).to_dict(), experiment, parse_overrides(TINY + [f"optim.epochs={epochs}"]))
 
 
 # --------------------------------------------------------------------------- search-space schema
@@ -149,10 +138,10 @@ def test_more_resources_per_trial_than_the_cluster_has_is_refused():
     assert max_concurrent_trials({"CPU": 64, "GPU": 8}, {"CPU": 17, "GPU": 4}) == 2
     assert max_concurrent_trials({"CPU": 2}, {"CPU": 5}, autoscaling=True) == 1
     experiment = experiment_from_dict({"seeds": [0, 1]})
-    base = base_tree(load_config(None).to_dict(), experiment, parse_overrides(TINY + ["train.num_workers=4"]))
+    base = base_tree(load_config(TINY_CONFIG).to_dict(), experiment, parse_overrides(TINY + ["train.num_workers=4"]))
     with pytest.raises(ConfigError, match=r"one trial needs CPU=5 .* the Ray cluster has CPU=4"):
         validate_sweep(experiment, base, {"CPU": 4.0}, FEED)
-    gpus = base_tree(load_config(None).to_dict(), experiment, parse_overrides(TINY + ["train.use_gpu=true"]))
+    gpus = base_tree(load_config(TINY_CONFIG).to_dict(), experiment, parse_overrides(TINY + ["train.use_gpu=true"]))
     with pytest.raises(ConfigError, match="GPU=1"):
         validate_sweep(experiment, gpus, {"CPU": 4.0}, FEED)
 

@@ -1,18 +1,18 @@
 """Loss functions: ProCo's equations (proco.py) and the baselines' losses (baselines.py)."""
 
-from proco_ray.losses.proco import (
-    PrototypeRecalibration,
-    adversarial_negatives,
-    adversarial_positives,
-    proto_loss,
-    supervised_infonce,
-)
 from proco_ray.losses.baselines import (
     LDAMLoss,
     drw_class_weights,
     focal_loss,
     ohem_loss,
     supcon_loss,
+)
+from proco_ray.losses.proco import (
+    PrototypeRecalibration,
+    adversarial_negatives,
+    adversarial_positives,
+    proto_loss,
+    supervised_infonce,
 )
 
 __all__ = [
