@@ -1,7 +1,9 @@
 """A generated long-tailed image dataset: a source for demos and tests that needs no download.
 
 Each class has its own colour and stripe orientation under per-image noise, so a
-small network can learn it in a few epochs while the tail classes stay rare.
+small network can learn it in a few epochs while the tail classes stay rare. The
+orientations lie in [0, 90] degrees so that a horizontal flip (one of MoCo v2's
+augmentations) never turns one class's stripes into another's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def generate_images(counts: Sequence[int], image_size: int = 32, seed: int = 0) 
     yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
     images, labels = [], []
     for c, count in enumerate(counts):
-        angle = np.pi * c / num_classes
+        angle = 0.5 * np.pi * c / max(num_classes - 1, 1)
         colour = 0.5 + 0.4 * np.cos(2 * np.pi * (c / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
         for _ in range(count):
             phase = rng.uniform(0, 2 * np.pi)
