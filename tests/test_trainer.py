@@ -62,13 +62,17 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     import psutil
 
     killed = []
+    # Only this session's workers (children of its raylet): other Ray instances may be training on this machine.
+    session = ray_local._private.worker._global_node.get_session_dir_path()
+    raylets = {p.pid for p in psutil.process_iter(["cmdline"]) if any(f"{session}/sockets/raylet" in a for a in p.info["cmdline"] or [])}
+    assert raylets, f"no raylet found for {session}"
 
     def kill_after_second_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and len(list((tmp_path / "faulty").glob("checkpoint_2*"))) < 2:
             time.sleep(0.2)
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+        for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
                 proc.send_signal(signal.SIGKILL)
                 killed.append(proc.info["pid"])
                 return
