@@ -452,7 +452,8 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
         lines += [experiment.description.strip(), ""]
     lines += [
         f"{len(records)} trials; {sum(_outcome(r, max_epochs) == 'completed' for r in records)} ran all {max_epochs} epochs, "
-        f"stopped early by ASHA: {sum(_outcome(r, max_epochs) == 'stopped' for r in records)}, "
+        f"stopped early ({'by ASHA, or ' if experiment.asha else ''}by an interrupted sweep): "
+        f"{sum(_outcome(r, max_epochs) == 'stopped' for r in records)}, "
         f"failed: {sum(_outcome(r, max_epochs) == 'failed' for r in records)}.",
         "",
         "Metrics are mean ± sample std over seeds. *metrics from* says which split: `test` (test/* of the last "

@@ -245,7 +245,7 @@ def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp
     results = tmp_path / "asha" / "results"
     for name in ("results.md", "results.csv", "trials.csv", "best.yaml", "curves_train_loss.png", "epochs.png", "recall.png"):
         assert (results / name).is_file(), name
-    assert "stopped early by ASHA" in (results / "results.md").read_text()
+    assert "stopped early (by ASHA" in (results / "results.md").read_text()
     trial_dirs = [d for d in (tmp_path / "asha").iterdir() if d.is_dir() and d.name != "results"]
     assert len(trial_dirs) == 4
     for trial_dir in trial_dirs:  # the TensorBoard dashboard: Tune's scalars + HParams per trial, rank-0 scalars of the run
