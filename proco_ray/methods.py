@@ -139,6 +139,10 @@ class LDAMDRW(Method):
         self.ldam = LDAMLoss(self.class_counts, cfg.ldam_max_margin, cfg.ldam_scale)
         self.register_buffer("class_weights", drw_class_weights(self.class_counts, cfg.drw_beta))
 
+    def build_model(self) -> nn.Module:
+        m = self.model_cfg
+        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm, cosine=True)
+
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
         logits, labels = _labelled_logits(model, batch)
         drw_start_epoch = math.floor(self.cfg.drw_start_fraction * stage.epochs)

@@ -162,8 +162,20 @@ class ProCoNetwork(nn.Module):
         return out
 
 
+class CosineLinear(nn.Module):
+    """Cosine-similarity classifier (LDAM's NormedLinear): logits in [-1, 1], which the loss's scale then sharpens."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
 class Classifier(nn.Module):
-    """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head."""
+    """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head,
+    `cosine=True` makes the classifier a CosineLinear (LDAM's margins and scale are meant for cosine logits)."""
 
     def __init__(
         self,
@@ -175,10 +187,11 @@ class Classifier(nn.Module):
         pretrained: str | None = None,
         norm: str = "batch",
         projector: bool = False,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, dim = build_backbone(arch, small_input, pretrained, norm)
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
         self.projector = (
             nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim)) if projector else None
         )

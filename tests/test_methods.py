@@ -136,3 +136,12 @@ def test_unknown_method_and_bad_counts():
         build_method(MethodConfig(name="mtl"), TINY, CLASSES, [1, 1, 1])
     with pytest.raises(ValueError, match="class_counts"):
         build_method(MethodConfig(), TINY, CLASSES, [1, 1])
+
+
+def test_ldam_classifies_with_cosine_logits_as_its_scale_assumes():
+    method, model = make("ldam_drw")
+    logits = method.predict(model, fixed_batch()["view_q"])
+    assert logits.abs().max() <= 1 + 1e-5
+    scaled = make("ldam_drw", ldam_scale=30.0)
+    losses = train_steps(*scaled, 15)
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) / 3 < losses[0]

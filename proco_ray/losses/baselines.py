@@ -102,9 +102,9 @@ class LDAMLoss(torch.nn.Module):
     The true-class logit is reduced by ``m_y = C / n_y^{1/4}``, with ``C`` set so
     the rarest class gets ``max_margin``; the result is multiplied by ``scale``
     and fed to cross-entropy, exactly as the reference implementation does.
-    The paper applies it to cosine (normalised) logits, for which ``scale=30``
-    is meant; this class takes whatever logits the caller passes (our model
-    emits raw logits), so a smaller ``scale`` may suit raw logits.
+    ``scale=30`` is meant for cosine logits in [-1, 1] (the ldam_drw method's
+    classifier is a CosineLinear); on raw logits it multiplies the gradients
+    thirtyfold and training collapses onto one class.
     ``forward``'s ``weight`` is the DRW per-class weight (see
     :func:`drw_class_weights`), passed to cross-entropy.
     """
