@@ -101,16 +101,12 @@ class Experiment:
     asha: Asha | None = field(default_factory=Asha)
 
     def plan(self) -> dict[str, Domain]:
-        """The full parameter space Tune expands: seed grid, variant grid, then the search space.
-
-        Tune varies the last grid fastest, so every variant runs once before any runs twice:
-        a sweep cut short still compares all variants.
-        """
+        """The full parameter space Tune expands: variant grid, seed grid, then the search space."""
         plan: dict[str, Domain] = {}
-        if self.seeds:
-            plan[SEED_KEY] = Domain("grid", tuple(self.seeds))
         if self.variants:
             plan[VARIANT_KEY] = Domain("grid", tuple(self.variants))
+        if self.seeds:
+            plan[SEED_KEY] = Domain("grid", tuple(self.seeds))
         plan.update(self.search_space)
         return plan
 
