@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 
@@ -48,11 +49,12 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
     return recorded
 
 
-def connect_or_start_ray(num_cpus: int | None = None, join_existing: bool = True) -> bool:
+def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> bool:
     """Join the cluster this process belongs to (`ray submit`, `ray job submit`, RAY_ADDRESS) or start a local one.
 
-    `join_existing=False` always starts a fresh local Ray (the one-machine demo).
-    Returns True when a local Ray was started here.
+    A local Ray gets this machine's CPUs, or `min_cpus` logical CPUs where that is more (so that one run,
+    its Ray Data CPU included, fits on a small machine). `join_existing=False` always starts a fresh
+    local Ray (the one-machine demo). Returns True when a local Ray was started here.
     """
     if ray.is_initialized():
         return False
@@ -60,5 +62,5 @@ def connect_or_start_ray(num_cpus: int | None = None, join_existing: bool = True
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False)
     return True

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             source = str(server.data_dir.parent / "demo-source")
             if not Path(source).is_dir():
                 write_image_folder(source, long_tailed_counts(5, head=300, imbalance=20), image_size=48, seed=0)
-        connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, int(config.run_resources()["CPU"])), join_existing=False)
+        connect_or_start_ray(min_cpus=config.run_resources()["CPU"], join_existing=False)
         data_uri = f"s3://{endpoint.bucket}/demo/{Path(source).name}-{config.data.image_size}px"
         manifest = prepare(source, data_uri, PrepareOptions(image_size=config.data.image_size, overwrite=True))
         print(f"[2/4] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)

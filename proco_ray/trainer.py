@@ -61,8 +61,7 @@ def check_resources(config: Config, streams_data: bool = True) -> None:
         return
     available = ray.cluster_resources()
     need = config.run_resources(streams_data)
-    short = {r: a for r, a in need.items() if a > available.get(r, 0)}
-    if short:
+    if any(amount > available.get(resource, 0) for resource, amount in need.items()):
         raise ConfigError(
             f"train.num_workers={config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker}"
             f"{' (+1 GPU each, train.use_gpu=true)' if config.train.use_gpu else ''}"
@@ -266,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if not config.data.uri:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
-    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, int(config.run_resources()["CPU"])))
+    connect_or_start_ray(min_cpus=config.run_resources()["CPU"])
     summary = json.dumps(summarise(fit(config), config), indent=2, default=str)
     print(summary)
     print(f"summary written to {write_run_file(config, 'summary.json', summary.encode())}")

@@ -536,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
     name = args.name or f"{base_config.train.name}-{experiment.name}"
     storage = args.storage or base_config.train.storage_path
-    connect_or_start_ray(num_cpus=max(os.cpu_count() or 1, int(trial_resources(base_config, streams_data=not args.generated)["CPU"])))
+    connect_or_start_ray(min_cpus=trial_resources(base_config, streams_data=not args.generated)["CPU"])
     if args.report_only:
         print(json.dumps(report(join(storage if is_s3(storage) else os.path.abspath(storage), name), experiment), indent=2))
         return 0
