@@ -24,6 +24,7 @@ from proco_ray.losses import (
     adversarial_negatives,
     adversarial_positives,
     drw_class_weights,
+    embedding_std,
     focal_loss,
     ohem_loss,
     proto_loss,
@@ -293,6 +294,7 @@ class ProCo(Method):
         else:
             loss, logs = self._proto_loss(q, out["logits"], out["prototypes"], labels, contrast, same, bank, bank_labels, bank_preds)
         self.queue.enqueue(keys, key_labels, key_preds)
+        logs["embedding_std"] = embedding_std(q.detach())
         logs["queue_fill"] = torch.tensor(len(self.queue) / max(1, self.queue.size))
         return LossOutput(loss, logs)
 

@@ -63,6 +63,7 @@ def test_gradients_reach_query_encoder_heads_and_prototypes_never_keys():
     assert model.prototypes.grad is not None and model.prototypes.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
     assert out.logs["proto_instances_neg"] > 0
+    assert 0 < out.logs["embedding_std"] < 1
 
 
 def test_key_encoder_follows_query_encoder_by_momentum():

@@ -10,6 +10,7 @@ from proco_ray.losses import (
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
+    embedding_std,
     proto_loss,
     supervised_infonce,
 )
@@ -236,3 +237,14 @@ def test_supervised_infonce_matches_definition():
     for j in range(4):
         expected = -log_prob[j][pos[j]].mean() if pos[j].any() else torch.tensor(0.0)
         assert got[j].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_embedding_std_separates_collapsed_from_spread_features():
+    torch.manual_seed(0)
+    k = 64
+    spread = F.normalize(torch.randn(4096, k), dim=1)
+    assert embedding_std(spread).item() == pytest.approx(1 / math.sqrt(k), rel=0.02)
+    collapsed = torch.randn(1, k).repeat(32, 1) * torch.rand(32, 1).add(0.5)  # one direction, any length
+    assert embedding_std(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        embedding_std(spread[:1])

@@ -16,6 +16,7 @@ import pytest
 
 from proco_ray.config import ConfigError, load_config, parse_overrides
 from proco_ray.experiments import (
+    CONFIG_TUNE_DIR,
     Domain,
     TrialRecord,
     asha_rungs,
@@ -73,8 +74,10 @@ def test_malformed_domains_are_refused(spec, message):
 
 
 def test_shipped_experiments_validate():
-    for name in ("hparams", "ablation", "baselines"):
-        experiment = load_experiment(name)
+    shipped = sorted(CONFIG_TUNE_DIR.glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"hparams", "ablation", "baselines", "compare-cpu", "proco-collapse-cpu"}
+    for path in shipped:
+        experiment = load_experiment(path)
         configs = validate(experiment, base_tree(load_config(experiment.base).to_dict(), experiment))
         assert configs
     ablation = load_experiment("ablation")

@@ -11,6 +11,7 @@ from proco_ray.losses.proco import (
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
+    embedding_std,
     proto_loss,
     supervised_infonce,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "PrototypeRecalibration",
     "adversarial_negatives",
     "adversarial_positives",
+    "embedding_std",
     "proto_loss",
     "supervised_infonce",
     "LDAMLoss",

@@ -92,6 +92,18 @@ def supervised_infonce(logits: Tensor, pos_mask: Tensor, valid_mask: Tensor | No
     return -summed / positives.clamp(min=1)
 
 
+def embedding_std(features: Tensor) -> Tensor:
+    """Mean per-dimension std of L2-normalised features over a batch: the collapse monitor of SimSiam.
+
+    About 1/sqrt(k) for k-dimensional features spread over the sphere, 0 when every
+    image maps to the same point (the contrastive terms then carry no signal).
+    """
+    _check_matrix("features", features)
+    if features.shape[0] < 2:
+        raise ValueError(f"features needs at least 2 rows for a std, got {features.shape[0]}")
+    return F.normalize(features.float(), dim=1).std(dim=0).mean()
+
+
 def _check_adversarial_inputs(
     query: Tensor,
     bank_feats: Tensor,
