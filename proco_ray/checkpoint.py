@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+from proco_ray.errors import ProcoError
+
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "class_names", "model", "method", "epoch", "global_step")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ProcoError, RuntimeError):
     """A checkpoint that is missing, corrupt, or made for another model."""
 
 

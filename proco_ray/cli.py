@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from proco_ray.errors import ProcoError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("proco_ray.demo", "run the main job end to end on embedded defaults"),
     "storage": ("proco_ray.storage", "start, stop or inspect the local S3 server (SeaweedFS)"),
@@ -19,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
     "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
     "tune": ("proco_ray.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
+    "local-sweep": ("proco_ray.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
 }
 
 
@@ -44,4 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"proco-ray {command}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ProcoError as error:
+        cause = f"\n  caused by: {error.__cause__!r}" if error.__cause__ is not None else ""
+        print(f"proco-ray {command}: error: {error}{cause}", file=sys.stderr)
+        return 1

@@ -15,10 +15,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from proco_ray.errors import ProcoError
+
 DATA_CPUS = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(ProcoError, ValueError):
     """A configuration that cannot be used as written."""
 
 
@@ -31,6 +33,7 @@ class DataConfig:
     image_size: int = 64
     batch_size: int = 128
     eval_batch_size: int = 256
+    augmentation: str = "auto"
     resample: bool = False
     train_split: str = "train"
     val_split: str = "val"
@@ -64,6 +67,8 @@ class MethodConfig:
     beta: float = 0.95
     w_init: float = 0.01
     tau: float = 0.07
+    proto_form: str = "eq7"
+    circle_margin: float = 0.25
     queue_size: int = 4096
     focal_gamma: float = 2.0
     ldam_max_margin: float = 0.5

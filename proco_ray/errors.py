@@ -1,9 +1,13 @@
-"""Errors that name a problem with the data or where it is stored, for the user to fix."""
+"""Errors that name a problem for the user to fix: with the data, where it is stored, the configuration."""
 
 from __future__ import annotations
 
 
-class DataError(ValueError):
+class ProcoError(Exception):
+    """An expected failure that the user can fix: the command line prints its message, not a traceback."""
+
+
+class DataError(ProcoError, ValueError):
     """Input data that cannot be used as it is: the message names each offending item."""
 
 

@@ -49,7 +49,10 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 VARIANT_KEY = "variant"
 SEED_KEY = "train.seed"
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy")
-# Reported by every worker in every epoch (see train_loop.train_worker); test/* only in the last epoch.
+# Shown beside the headline test metrics: the validation score the model was selected on, and the collapse monitor.
+SIDE_METRICS = {"selected val macro_f1": "best/val_macro_f1", "embedding_std": "train/embedding_std"}
+# Reported by every worker in every epoch (see train_loop.train_worker); test/* (of the best-validation
+# epoch so far) only when the data has a test split.
 EPOCH_METRICS = (
     "epoch",
     "train/loss",
@@ -285,7 +288,8 @@ def check_metric(metric: str, mode: str) -> None:
         return
     if metric.startswith("test/"):
         raise ConfigError(
-            f"metric '{metric}' is reported in the last epoch only, so ASHA cannot compare trials on it; "
+            f"metric '{metric}' is the test split's (reported only when validation improves), so neither ASHA nor "
+            f"model selection may use it; "
             f"use '{metric.replace('test/', 'val/', 1)}'"
         )
     raise ConfigError(
@@ -437,7 +441,12 @@ def _short(value: Any) -> str:
 
 
 def final_metrics(history: Sequence[Mapping[str, Any]]) -> tuple[str, dict[str, float]]:
-    """('test', test/* of the last epoch) for a finished trial, else ('val', the last val/*); keys unprefixed."""
+    """('test', test/*) when the trial reported test metrics, else ('val', the last val/*); keys unprefixed.
+
+    test/* in a report are the test metrics of the epoch with the best validation macro-F1 so far (the
+    training loop evaluates the test split only when validation improves), so the last report holds
+    the test metrics of the model selected on validation.
+    """
     if not history:
         return "none", {}
     last = history[-1]
@@ -486,6 +495,12 @@ class GroupSummary:
     stopped_early: int
     errors: int
     recall: dict[str, tuple[float, float]]
+    side: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def last_reported(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The last finite value of `key` in a trial's history (a two-stage method logs some keys in one stage only)."""
+    return next((float(row[key]) for row in reversed(history) if _finite(row.get(key))), None)
 
 
 def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Sequence[str] = ()) -> list[GroupSummary]:
@@ -513,6 +528,11 @@ def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Seq
                 stopped_early=sum(1 for r in members if r.error is None and r.epochs < max_epochs),
                 errors=sum(1 for r in members if r.error is not None),
                 recall=recall,
+                side={
+                    name: mean_std(values)
+                    for name, key in SIDE_METRICS.items()
+                    if (values := [v for r in members if r.error is None and (v := last_reported(r.history, key)) is not None])
+                },
             )
         )
     rank = {name: i for i, name in enumerate(order)}
@@ -531,6 +551,14 @@ def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str,
                 row[key.replace("_", " ")] = format_mean_std(mean, std, g.n)
             else:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        for name in SIDE_METRICS:
+            mean, std = g.side.get(name, (math.nan, math.nan))
+            if not any(name in other.side for other in groups):
+                continue
+            if markdown:
+                row[name.replace("_", " ")] = format_mean_std(mean, std, g.n, digits=3 if "f1" in name else 4)
+            else:
+                row[f"{name.replace(' ', '_')}_mean"], row[f"{name.replace(' ', '_')}_std"] = mean, std
         row["epochs reached" if markdown else "epochs"] = ",".join(str(e) for e in g.epochs)
         row["stopped early" if markdown else "stopped_early"] = g.stopped_early
         row["failed"] = g.errors

@@ -17,13 +17,27 @@ from torch import Tensor
 Batch = dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class TrainInput:
+    """What a training stage reads: class-balanced or not, which augmentation, one view or two."""
+
+    resample: bool = False
+    augmentation: str = "moco_v2"
+    views: int = 2
+
+    @property
+    def key(self) -> str:
+        """A name per distinct input, e.g. the Ray Dataset name 'train_resampled_supervised_1v'."""
+        return f"train{'_resampled' if self.resample else ''}_{self.augmentation}_{self.views}v"
+
+
 @dataclass
 class DataFeed:
     class_names: list[str]
     class_counts: list[int]
     steps_per_epoch: int
-    train_batches: Callable[[bool, int], Iterable[Batch]]
-    """(resample, epoch) -> this rank's training batches: view_q, view_k, label."""
+    train_batches: Callable[[TrainInput, int], Iterable[Batch]]
+    """(input, epoch) -> this rank's training batches: view_q, view_k (two views only), label."""
     eval_batches: Callable[[str], Iterable[Batch]]
     """split -> this rank's share of the split: image, label."""
     eval_splits: set[str] = field(default_factory=set)
@@ -62,7 +76,8 @@ def tensor_feed(
     seed: int = 0,
     augment: bool = True,
 ) -> DataFeed:
-    """An in-memory feed from uint8 images [N, H, W, 3] and labels [N].
+    """An in-memory feed from uint8 images [N, H, W, 3] and labels [N], with a cheap batched stand-in
+    for the augmentations (tests, demos); `local_feed` applies the real ones to a prepared dataset.
 
     Every rank draws the same global order and augmentations and keeps its slice
     of each global batch, so W ranks see exactly what one rank with the same
@@ -79,17 +94,19 @@ def tensor_feed(
     steps = len(images) // global_batch_size
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
 
-    def train_batches(resample: bool, epoch: int) -> Iterator[Batch]:
+    def train_batches(source: TrainInput, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([seed, epoch])
-        order = class_balanced_indices(np.asarray(labels), len(images), rng) if resample else rng.permutation(len(images))
+        order = class_balanced_indices(np.asarray(labels), len(images), rng) if source.resample else rng.permutation(len(images))
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        augmented = augment and source.augmentation != "none"
+        mine = slice(rank * local, (rank + 1) * local)
         for step in range(steps):
             index = torch.from_numpy(order[step * global_batch_size : (step + 1) * global_batch_size])
             base = _normalise(images_t[index])
-            view_q = _augment(base, generator) if augment else base
-            view_k = _augment(base, generator) if augment else base.clone()
-            mine = slice(rank * local, (rank + 1) * local)
-            yield {"view_q": view_q[mine], "view_k": view_k[mine], "label": labels_t[index][mine]}
+            batch = {"view_q": (_augment(base, generator) if augmented else base)[mine]}
+            if source.views == 2:
+                batch["view_k"] = (_augment(base, generator) if augmented else base.clone())[mine]
+            yield {**batch, "label": labels_t[index][mine]}
 
     def eval_batches(split: str) -> Iterator[Batch]:
         if split not in eval_sets:
@@ -126,3 +143,79 @@ class GeneratedFeed:
         names = [f"class_{c}" for c in range(len(self.train_counts))]
         splits = {config.data.val_split: held_out, config.data.test_split: held_out}
         return tensor_feed(train, splits, names, config.data.batch_size, rank, world_size, self.seed, self.augment)
+
+
+class _EncodedBatches(torch.utils.data.Dataset):
+    """Item i: batch i of encoded rows, decoded and transformed by `transform` (in a DataLoader worker)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: list[np.ndarray], transform: Callable) -> None:
+        self.images, self.labels, self.rows, self.transform = images, labels, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Batch:
+        rows = self.rows[index]
+        out = self.transform({"image": self.images[rows], "label": self.labels[rows]})
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def local_feed(
+    uri: str,
+    config: "Config",  # noqa: F821
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+) -> DataFeed:
+    """A feed over a prepared dataset without Ray: the same shards, sha256 checks, row orders and
+    augmentations (`transforms.train_batch` / `eval_batch`) as the Ray Data pipeline, decoded and
+    augmented by `workers` DataLoader processes a few batches ahead of the training step.
+
+    For a single machine (one GPU, or the CPU) where a Ray cluster buys nothing; each rank reads
+    the whole split and keeps its slice of every global batch, as `tensor_feed` does. The row
+    orders are seeded by (train.seed, epoch); the augmentations are not (DataLoader workers seed
+    themselves), so, as with Ray Data, runs are not bit-reproducible.
+    """
+    from functools import partial
+
+    import pyarrow as pa
+
+    from proco_ray.pipeline import load_split, read_manifest
+    from proco_ray.transforms import eval_batch, train_batch
+
+    data = config.data
+    if data.batch_size % world_size:
+        raise ValueError(f"data.batch_size ({data.batch_size}) must be divisible by the number of workers ({world_size})")
+    manifest = read_manifest(uri)
+    if data.num_classes is not None and data.num_classes != manifest.num_classes:
+        raise ValueError(f"data.num_classes is {data.num_classes} but {uri} has {manifest.num_classes} classes")
+    splits = [data.train_split, data.val_split] + [s for s in [data.test_split] if s in manifest.splits]
+    columns = {}
+    for split in dict.fromkeys(splits):
+        table = pa.concat_tables(load_split(uri, manifest.shards_of(split)))
+        columns[split] = (table.column("image").to_numpy(zero_copy_only=False), table.column("label").to_numpy().astype(np.int64))
+    images, labels = columns[data.train_split]
+    if len(labels) < data.batch_size:
+        raise ValueError(f"the training split has {len(labels)} images, fewer than one batch of {data.batch_size}")
+    local = data.batch_size // world_size
+    steps = len(labels) // data.batch_size
+
+    def loader(dataset: torch.utils.data.Dataset) -> Iterable[Batch]:
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+
+    def train_batches(source: TrainInput, epoch: int) -> Iterable[Batch]:
+        rng = np.random.default_rng([config.train.seed, epoch])
+        order = class_balanced_indices(labels, len(labels), rng) if source.resample else rng.permutation(len(labels))
+        rows = [order[step * data.batch_size : (step + 1) * data.batch_size][rank * local : (rank + 1) * local] for step in range(steps)]
+        transform = partial(train_batch, size=data.image_size, augmentation=source.augmentation, views=source.views)
+        return loader(_EncodedBatches(images, labels, rows, transform))
+
+    def eval_batches(split: str) -> Iterable[Batch]:
+        if split not in columns:
+            raise KeyError(f"no split '{split}' in {uri} (have {sorted(columns)})")
+        split_images, split_labels = columns[split]
+        mine = np.arange(rank, len(split_images), world_size)
+        rows = [mine[i : i + data.eval_batch_size] for i in range(0, len(mine), data.eval_batch_size)]
+        return loader(_EncodedBatches(split_images, split_labels, rows, partial(eval_batch, size=data.image_size)))
+
+    return DataFeed(manifest.classes, manifest.class_counts(data.train_split), steps, train_batches, eval_batches, set(columns))

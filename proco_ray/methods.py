@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from proco_ray import distributed
 from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.feeds import TrainInput
 from proco_ray.losses import (
+    PROTO_FORMS,
     LDAMLoss,
     PrototypeRecalibration,
     adversarial_negatives,
@@ -27,23 +29,35 @@ from proco_ray.losses import (
     embedding_std,
     focal_loss,
     ohem_loss,
-    proto_loss,
     supcon_loss,
     supervised_infonce,
+    unified_proto_loss,
 )
 from proco_ray.model import Classifier, ProCoNetwork
 from proco_ray.queue import SampleQueue
+from proco_ray.transforms import AUGMENTATIONS
 
 Batch = dict[str, Tensor]
 PROCO_LOSSES = ("proto", "ce", "infonce")
 
 @dataclass(frozen=True)
 class Stage:
-    """A phase of training with its own epochs, sampling and trainable parameters."""
+    """A phase of training with its own epochs, sampling, views and trainable parameters."""
 
     name: str
     epochs: int
     resample: bool
+    two_views: bool = False
+
+
+def train_input(stage: Stage, augmentation: str = "auto") -> TrainInput:
+    """What a stage reads. `auto` (data.augmentation's default): MoCo v2's views for two-view stages
+    (ProCo, CL pre-training), the standard supervised augmentation for single-view ones."""
+    if augmentation == "auto":
+        augmentation = "moco_v2" if stage.two_views else "supervised"
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"data.augmentation must be 'auto' or one of {sorted(AUGMENTATIONS)}, got '{augmentation}'")
+    return TrainInput(stage.resample, augmentation, 2 if stage.two_views else 1)
 
 @dataclass
 class LossOutput:
@@ -80,7 +94,7 @@ class Method(nn.Module):
     @classmethod
     def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
         """The stages of a run of `epochs` epochs, known before any network is built."""
-        return [Stage("main", epochs, cls.resample)]
+        return [Stage("main", epochs, cls.resample, cls.two_views)]
 
     def stages(self, epochs: int) -> list[Stage]:
         return self.stages_for(self.cfg, epochs)
@@ -185,7 +199,7 @@ class SupConLinear(Method):
         if epochs < 2:
             raise ValueError(f"method '{cls.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
         pretrain = min(max(1, round(cfg.pretrain_fraction * epochs)), epochs - 1)
-        return [Stage("pretrain", pretrain, False), Stage("linear", epochs - pretrain, cls.resample)]
+        return [Stage("pretrain", pretrain, False, True), Stage("linear", epochs - pretrain, cls.resample)]
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
         inner = unwrap(model)
@@ -202,7 +216,7 @@ class SupConLinear(Method):
         if stage.name == "pretrain":
             views = torch.stack([model(batch["view_q"], project=True), model(batch["view_k"], project=True)], dim=1)
             loss = supcon_loss(views, labels, self.cfg.supcon_temperature)
-            return LossOutput(loss, {"supcon": loss.detach()})
+            return LossOutput(loss, {"supcon": loss.detach(), "embedding_std": embedding_std(views[:, 0].detach())})
         inner = unwrap(model)
         inner.backbone.eval()
         loss = F.cross_entropy(model(batch["view_q"]), labels)
@@ -230,6 +244,8 @@ class ProCo(Method):
             raise ValueError(f"method.eps_max (E) must lie in [0, 1), got {cfg.eps_max}")
         if cfg.tau <= 0:
             raise ValueError(f"method.tau must be > 0, got {cfg.tau}")
+        if cfg.proto_form not in PROTO_FORMS:
+            raise ValueError(f"method.proto_form must be one of {PROTO_FORMS}, got '{cfg.proto_form}'")
         if cfg.queue_size < 0:
             raise ValueError(f"method.queue_size must be >= 0, got {cfg.queue_size}")
         self.find_unused_parameters = cfg.loss == "ce"
@@ -284,15 +300,14 @@ class ProCo(Method):
         bank_labels = torch.cat([queue_labels, key_labels])
         bank_preds = torch.cat([queue_preds, key_preds])
         q = out["q"]
-        contrast = q @ bank.T / self.cfg.tau
         same = labels[:, None] == bank_labels[None, :]
         if self.cfg.loss == "infonce":
-            nce = supervised_infonce(contrast, same).mean()
+            nce = supervised_infonce(q @ bank.T / self.cfg.tau, same).mean()
             ce = F.cross_entropy(out["logits"], labels)
             logs = {"infonce": nce.detach(), "ce": ce.detach()}
             loss = nce + ce
         else:
-            loss, logs = self._proto_loss(q, out["logits"], out["prototypes"], labels, contrast, same, bank, bank_labels, bank_preds)
+            loss, logs = self._proto_loss(q, out["logits"], out["prototypes"], labels, same, bank, bank_labels, bank_preds)
         self.queue.enqueue(keys, key_labels, key_preds)
         logs["embedding_std"] = embedding_std(q.detach())
         logs["queue_fill"] = torch.tensor(len(self.queue) / max(1, self.queue.size))
@@ -304,34 +319,38 @@ class ProCo(Method):
         logits: Tensor,
         prototypes: Tensor,
         labels: Tensor,
-        contrast: Tensor,
         same: Tensor,
         bank: Tensor,
         bank_labels: Tensor,
         bank_preds: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        batch = labels.shape[0]
+        """Eq. 4-7: recalibrated logits, the contrast set and the proto-instances, into the proto-loss."""
         if self.cfg.recalibration:
             self.recalibration.update(logits.detach(), labels)
             logits = logits + self.recalibration.log_weights.to(logits.dtype)
-        own_class = F.one_hot(labels, self.num_classes).bool()
-        always = torch.ones(batch, 1, dtype=torch.bool, device=labels.device)
-        pos_parts, pos_masks = [contrast, logits.gather(1, labels[:, None])], [same, always]
-        neg_parts, neg_masks = [contrast, logits], [~same, ~own_class]
+        similarity, positive, negative = [q @ bank.T], [same], [~same]
         logs: dict[str, Tensor] = {}
         if self.uses_proto_instances:
-            gamma = self.cfg.gamma
+            batch, gamma = labels.shape[0], self.cfg.gamma
             eps_neg = self._draw_eps(batch, q.device)
             eps_pos = self._draw_eps(batch, q.device)
             adv_neg, neg_valid = adversarial_negatives(q, bank, bank_labels, labels, prototypes, gamma, eps_neg)
             adv_pos, pos_valid = adversarial_positives(q, bank, bank_labels, bank_preds, labels, prototypes, gamma, eps_pos)
-            neg_parts.append(torch.einsum("bk,bgk->bg", q, adv_neg.to(q.dtype)) / self.cfg.tau)
-            pos_parts.append(torch.einsum("bk,bgk->bg", q, adv_pos.to(q.dtype)) / self.cfg.tau)
-            neg_masks.append(neg_valid)
-            pos_masks.append(pos_valid)
+            similarity += [torch.einsum("bk,bgk->bg", q, adv_neg.to(q.dtype)), torch.einsum("bk,bgk->bg", q, adv_pos.to(q.dtype))]
+            positive += [torch.zeros_like(neg_valid), pos_valid]
+            negative += [neg_valid, torch.zeros_like(pos_valid)]
             logs["proto_instances_neg"] = neg_valid.float().sum(1).mean()
             logs["proto_instances_pos"] = pos_valid.float().sum(1).mean()
-        per_sample = proto_loss(torch.cat(pos_parts, 1), torch.cat(neg_parts, 1), torch.cat(pos_masks, 1), torch.cat(neg_masks, 1))
+        per_sample = unified_proto_loss(
+            torch.cat(similarity, 1),
+            torch.cat(positive, 1),
+            torch.cat(negative, 1),
+            logits,
+            labels,
+            tau=self.cfg.tau,
+            form=self.cfg.proto_form,
+            margin=self.cfg.circle_margin,
+        )
         loss = per_sample.mean()
         logs["proto_loss"] = loss.detach()
         return loss, logs

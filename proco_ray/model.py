@@ -13,13 +13,14 @@ import torchvision
 from torch import Tensor, nn
 
 from proco_ray.distributed import batch_shuffle, batch_unshuffle
+from proco_ray.errors import ProcoError
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BATCH_NORM_MODES = ("shuffle", "sync", "plain")
 NORM_LAYERS = ("batch", "group")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(ProcoError, RuntimeError):
     """ImageNet weights were asked for but cannot be had."""
 
 

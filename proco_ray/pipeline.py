@@ -35,7 +35,7 @@ from proco_ray.errors import DataError
 from proco_ray.prepare import FORMAT, MANIFEST
 from proco_ray.sources import listing
 from proco_ray.storage import join, read_bytes, resolve, storage_errors
-from proco_ray.transforms import eval_batch, two_view_batch
+from proco_ray.transforms import eval_batch, train_batch
 
 BLOCK_BYTES = 32 << 20
 MIN_BLOCKS = 4
@@ -189,13 +189,24 @@ def select_rows(batch: dict[str, np.ndarray], refs: Sequence[Any], order: RowOrd
     return table.take(pa.array(rows, pa.int64()))
 
 
-def build_dataset(uri: str, split: str, *, image_size: int, train: bool, resample: bool = False, seed: int = 0,
-                  augment: bool = True, with_ids: bool = False) -> "ray.data.Dataset":  # noqa: F821  # fmt: skip
+def build_dataset(
+    uri: str,
+    split: str,
+    *,
+    image_size: int,
+    train: bool,
+    resample: bool = False,
+    seed: int = 0,
+    augmentation: str = "moco_v2",
+    views: int = 2,
+    with_ids: bool = False,
+) -> "ray.data.Dataset":  # noqa: F821
     """A lazy Ray Dataset of one split.
 
-    train=True: columns view_q, view_k (float32 [3,H,W], two independent augmentations) and label (int64);
+    train=True: columns view_q (and view_k for views=2: an independent draw), float32 [3,H,W], augmented
+    by `augmentation` ('moco_v2', 'supervised' or 'none', the eval view), and label (int64);
     train=False: image (float32 [3,H,W]) and label. with_ids adds the string column id (for iter_batches;
-    iter_torch_batches cannot convert strings). augment=False makes both training views the eval view.
+    iter_torch_batches cannot convert strings).
 
     The split's encoded rows are read once, checked against the manifest's sha256 and put in the Ray
     object store (a few MB to a few hundred MB for these datasets; Ray spills to disk beyond memory).
@@ -220,5 +231,7 @@ def build_dataset(uri: str, split: str, *, image_size: int, train: bool, resampl
     if not train:
         return ds.map_batches(eval_batch, batch_size=BATCH_ROWS, fn_kwargs=dict(size=image_size, with_ids=with_ids))
     return ds.map_batches(
-        two_view_batch, batch_size=BATCH_ROWS, fn_kwargs=dict(size=image_size, augment=augment, with_ids=with_ids)
+        train_batch,
+        batch_size=BATCH_ROWS,
+        fn_kwargs=dict(size=image_size, augmentation=augmentation, views=views, with_ids=with_ids),
     )

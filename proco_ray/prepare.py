@@ -28,10 +28,11 @@ import proco_ray
 from proco_ray.errors import DataError
 from proco_ray.sources import KINDS, Source, listing, read_source
 from proco_ray.splits import MODES, make_split, split_counts
-from proco_ray.storage import ensure_bucket, join, list_files, resolve, storage_errors, write_bytes
+from proco_ray.storage import ensure_bucket, is_s3, join, list_files, resolve, storage_errors, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "proco-ray-shards/1"
+MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
 
 
@@ -104,19 +105,43 @@ def encode_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, s
 # --------------------------------------------------------------------------- output location
 
 
+def check_disjoint(output_uri: str, *inputs: str | None) -> None:
+    """Refuse an output that is, contains or lies inside an input: clearing it would delete the input."""
+    _, out = resolve(output_uri)
+    for uri in filter(None, inputs):
+        if is_s3(uri) != is_s3(output_uri):
+            continue
+        _, path = resolve(uri)
+        if out == path or out.startswith(path.rstrip("/") + "/") or path.startswith(out.rstrip("/") + "/"):
+            raise DataError(
+                f"output {output_uri} overlaps the input {uri}: the output must be a folder or prefix outside "
+                f"the source, and must not contain it (nothing was touched)"
+            )
+
+
 def check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> bool:
-    """Reach the output (creating a missing bucket) and refuse one that holds data unless overwriting.
+    """Reach the output (creating a missing bucket) and refuse one that holds data unless overwriting a
+    previous prepare's own output (its manifest or its marker is there): --overwrite never deletes
+    files that prepare did not write.
 
     Returns whether there is something to clear.
     """
     with storage_errors(uri):
         ensure_bucket(fs, path)
         existing = list_files(fs, path)
-    if existing and not overwrite:
-        has_manifest = any(f.path == join(path, MANIFEST) for f in existing)
+    if not existing:
+        return False
+    names = {f.path for f in existing}
+    has_manifest = join(path, MANIFEST) in names
+    if not overwrite:
         what = "a prepared dataset" if has_manifest else "files from an incomplete or foreign run (no manifest.json)"
         raise DataError(f"output {uri} already holds {what} ({len(existing)} files); pass --overwrite to replace it")
-    return bool(existing)
+    if not has_manifest and join(path, MARKER) not in names:
+        raise DataError(
+            f"output {uri} holds {len(existing)} file(s) that proco-ray prepare did not write (no {MANIFEST} or "
+            f"{MARKER}); --overwrite only replaces a previous prepare's output, so choose a new or empty output"
+        )
+    return True
 
 
 def clear_output(fs: pafs.FileSystem, path: str, uri: str) -> None:
@@ -235,6 +260,7 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
     if options.image_size < 8:
         raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
     started = time.time()
+    check_disjoint(output_uri, source_uri, groups)
     out_fs, out_path = resolve(output_uri)
     occupied = check_output(out_fs, out_path, output_uri, options.overwrite)
     source = read_source(source_uri, kind, groups=groups, classes=classes)
@@ -263,6 +289,7 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
         clear_output(out_fs, out_path, output_uri)
     shards: list[dict[str, Any]] = []
     with storage_errors(output_uri):
+        write_bytes(join(output_uri, MARKER), b"written by proco-ray prepare; --overwrite may replace this folder\n")
         for split, per_class in counts.items():
             entries = write_split(processed, split, out_fs, out_path, options.shard_mb)
             if sum(e["rows"] for e in entries) != sum(per_class.values()):

@@ -268,12 +268,34 @@ def read_aptos2019(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str
                   group_source="groups table" if groups else None)  # fmt: skip
 
 
-def medmnist_classes(name: str, labels: Iterable[np.ndarray], classes: Sequence[str] | None) -> list[str]:
+MIN_INFERRED_CLASS_IMAGES = 2
+
+
+def medmnist_classes(name: str, labels: Mapping[str, np.ndarray], classes: Sequence[str] | None, uri: str) -> list[str]:
+    """Declared classes (--classes), a known MedMNIST file's, or inferred as 0..K-1 from the labels.
+
+    An inferred class set must be contiguous and every class must hold at least
+    MIN_INFERRED_CLASS_IMAGES images: a label that breaks that (a 9 where the file has 0-4, or a single
+    5) is a stray label, an error naming its split and row, not a new class.
+    """
     if classes:
         return list(classes)
     if name in MEDMNIST_CLASSES:
         return list(MEDMNIST_CLASSES[name])
-    top = max((int(a.max()) for a in labels if a.size), default=-1)
+    counts = Counter(int(v) for y in labels.values() for v in y)
+    if not counts:
+        return []
+    top = max(counts)
+    gap = next((c for c in range(top + 1) if c not in counts), None)
+    stray = {v for v, n in counts.items() if v < 0 or n < MIN_INFERRED_CLASS_IMAGES or (gap is not None and v > gap)}
+    if stray:
+        rows = [f"{s}[{i}] = {v}" for s, y in labels.items() for i, v in enumerate(y) if int(v) in stray]
+        kept = sorted(set(counts) - stray)
+        raise DataError(
+            f"{uri}: stray label(s) {sorted(stray)}: the file's classes look like {kept[0] if kept else 0}..{kept[-1] if kept else -1}, "
+            f"and inferred classes must be 0..K-1 with at least {MIN_INFERRED_CLASS_IMAGES} images each. Fix these rows, "
+            f"or pass --classes to declare the classes if the labels are right:\n{listing(rows)}"
+        )
     return [str(i) for i in range(top + 1)]
 
 
@@ -310,7 +332,7 @@ def read_medmnist(fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str,
         images[split], labels[split] = x, y
     if not images:
         raise DataError(f"{uri}: no {{train,val,test}}_images arrays (keys: {sorted(arrays)})")
-    names = medmnist_classes(name, labels.values(), classes)
+    names = medmnist_classes(name, labels, classes, uri)
     unknown = [f"{s}[{i}] = {v}" for s, y in labels.items() for i, v in enumerate(y) if not 0 <= v < len(names)]
     if unknown:
         raise DataError(f"{uri}: label(s) outside the {len(names)} classes {names}:\n{listing(unknown)}")

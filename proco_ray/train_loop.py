@@ -26,7 +26,7 @@ from proco_ray import distributed
 from proco_ray.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from proco_ray.config import Config, ConfigError
 from proco_ray.feeds import Batch, DataFeed
-from proco_ray.methods import Method, ProCo, Stage, build_method, unwrap
+from proco_ray.methods import Method, ProCo, Stage, build_method, train_input, unwrap
 from proco_ray.metrics import metrics_from_confusion
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -42,6 +42,7 @@ class WorkerEnv:
     resume_from: Path | None = None
     log_dir: Path | None = None
     print_progress: bool = True
+    save_checkpoints: bool = True
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -95,9 +96,14 @@ def train_one_epoch(
     amp: bool = False,
     max_steps: int | None = None,
 ) -> dict[str, float]:
-    """One pass over this rank's batches; returns the epoch means of the method's logs (over ranks)."""
+    """One pass over this rank's batches; returns the epoch means of the method's logs (over ranks).
+
+    The step never waits for the device: losses and logs are summed on the device and read once at
+    the end of the epoch, and a non-finite loss is recorded there (first bad step) and raised then.
+    """
     model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, Tensor] = {}
+    first_bad_step = torch.tensor(-1, device=device)
     steps, images, start, data_wait = 0, 0, time.perf_counter(), 0.0
     iterator = iter(batches)
     while max_steps is None or steps < max_steps:
@@ -109,21 +115,23 @@ def train_one_epoch(
         batch = _to_device(batch, device)
         with autocast_for(device, amp):
             out = method.training_loss(model, batch, epoch, stage)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"loss became {out.loss.item()} at epoch {epoch}, step {steps}")
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
         scheduler.step()
+        loss = out.loss.detach().float()
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), steps, first_bad_step)
+        for key, value in {"loss": loss, **out.logs}.items():
+            value = value.detach().float()
+            totals[key] = totals[key] + value if key in totals else value
         steps += 1
-        images += int(batch["label"].shape[0])
-        totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
-        for key, value in out.logs.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+        images += batch["label"].shape[0]
+    if int(first_bad_step) >= 0:
+        raise FloatingPointError(f"loss became {float(totals['loss'])} at epoch {epoch}, step {int(first_bad_step)}")
     if steps == 0:
         raise RuntimeError(f"epoch {epoch} produced no training batch: the training split is smaller than one batch")
     elapsed = time.perf_counter() - start
-    logs = {f"train/{k}": v / steps for k, v in totals.items()}
+    logs = {f"train/{k}": float(v) / steps for k, v in totals.items()}
     logs = _mean_over_ranks(logs)
     logs["train/lr"] = optimizer.param_groups[0]["lr"]
     logs["train/images_per_s"] = images * distributed.world_size() / elapsed
@@ -158,6 +166,30 @@ def evaluate(
     return metrics_from_confusion(confusion.cpu().numpy(), class_names)
 
 
+SELECTION_METRIC = "val/macro_f1"
+BEST_EPOCH, BEST_SCORE = "best/epoch", "best/val_macro_f1"
+COLLAPSE_FRACTION = 0.2
+COLLAPSE_DOC = "docs/method.md#collapse-guard"
+
+
+def is_better(metrics: dict[str, Any], best: dict[str, float]) -> bool:
+    """Model selection on validation: a strictly higher val macro-F1 than every earlier epoch."""
+    return not best or metrics[SELECTION_METRIC] > best[BEST_SCORE]
+
+
+def collapse_warning(metrics: dict[str, Any], feat_dim: int) -> str | None:
+    """A message when the contrastive embedding has collapsed: embedding_std below COLLAPSE_FRACTION of
+    the 1/sqrt(feat_dim) of features spread over the sphere (0.025 for 64 dimensions)."""
+    value = metrics.get("train/embedding_std")
+    threshold = COLLAPSE_FRACTION / math.sqrt(feat_dim)
+    if value is None or value >= threshold:
+        return None
+    return (
+        f"COLLAPSED: embedding_std {value:.4f} < {threshold:.4f}, the contrastive terms carry almost no signal "
+        f"(see {COLLAPSE_DOC})"
+    )
+
+
 def flat_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
     """Scalars for reporting: the headline metrics and per-class recall by class name."""
     out = {f"{prefix}/{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "balanced_accuracy", "qwk")}
@@ -182,6 +214,11 @@ class ScalarLog:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -204,7 +241,13 @@ def _check_device(config: Config, device: torch.device) -> None:
 
 
 def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, Any]:
-    """Train `config.method` on `feed`, reporting every epoch; returns the last epoch's metrics."""
+    """Train `config.method` on `feed`, reporting every epoch; returns the last epoch's metrics.
+
+    Every report carries the validation metrics of its epoch and, under best/* and test/*, the epoch
+    with the best validation macro-F1 so far and its test metrics: the test split is evaluated only
+    when validation improves, so the test metrics reported are always those of the model selected on
+    validation (the checkpoint kept as best), never of the last epoch.
+    """
     device = env.device
     _check_device(config, device)
     rank = distributed.rank()
@@ -221,6 +264,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     method.to(device)
     model = env.prepare_model(model, method.find_unused_parameters)
     start_epoch = state["epoch"] if state else 0
+    best: dict[str, float] = dict(state.get("best", {})) if state else {}
     global_step = state["global_step"] if state else 0
     log = ScalarLog(env.log_dir, enabled=rank == 0)
     total_epochs = config.optim.epochs
@@ -257,7 +301,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     method,
                     optimizer,
                     scheduler,
-                    feed.train_batches(stage.resample, epoch),
+                    feed.train_batches(train_input(stage, config.data.augmentation), epoch),
                     stage,
                     epoch,
                     device,
@@ -267,21 +311,29 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                 global_step += int(train_logs["train/steps"])
                 val = evaluate(model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp)
                 metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
-                if epoch + 1 == total_epochs and config.data.test_split in feed.eval_splits:
-                    test = evaluate(
-                        model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
-                    )
-                    metrics.update(flat_metrics("test", test))
+                if is_better(metrics, best):
+                    best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}
+                    if config.data.test_split in feed.eval_splits:
+                        test = evaluate(
+                            model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
+                        )
+                        best.update(flat_metrics("test", test))
+                metrics.update(best)
+                collapse = collapse_warning(metrics, config.model.feat_dim)
+                metrics["train/collapsed"] = float(collapse is not None)
                 log.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
                 log.scalars(method_state_scalars(method, feed.class_names), epoch + 1)
+                if collapse is not None:
+                    log.text("train/collapse", collapse, epoch + 1)
                 epochs_run += 1
                 if env.print_progress and rank == 0:
                     per_epoch = (time.perf_counter() - run_start) / epochs_run
                     print(
                         f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {metrics['train/loss']:.4f} "
                         f"val acc {metrics['val/accuracy']:.3f} macro-F1 {metrics['val/macro_f1']:.3f} "
-                        f"bal-acc {metrics['val/balanced_accuracy']:.3f} | {metrics['train/images_per_s']:.0f} img/s "
-                        f"| ETA {per_epoch * (total_epochs - epoch - 1):.0f}s",
+                        f"bal-acc {metrics['val/balanced_accuracy']:.3f} (best epoch {best[BEST_EPOCH]}) "
+                        f"| {metrics['train/images_per_s']:.0f} img/s | ETA {per_epoch * (total_epochs - epoch - 1):.0f}s"
+                        + (f" | {collapse}" if collapse else ""),
                         flush=True,
                     )
                 checkpoint_state = {
@@ -296,8 +348,9 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     "global_step": global_step,
                     "rng": {"seed": config.train.seed, "torch": torch.get_rng_state(), "numpy": np.random.get_state()},
                     "metrics": metrics,
+                    "best": best,
                 }
-                if rank == 0:
+                if rank == 0 and env.save_checkpoints:
                     with tempfile.TemporaryDirectory() as tmp:
                         env.report(metrics, save_checkpoint(tmp, checkpoint_state))
                 else:

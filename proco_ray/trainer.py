@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -22,14 +23,14 @@ from ray.train.torch import TorchTrainer
 
 from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
-from proco_ray.feeds import Batch, DataFeed
-from proco_ray.methods import METHODS
+from proco_ray.feeds import Batch, DataFeed, TrainInput
+from proco_ray.methods import METHODS, train_input
 from proco_ray.pipeline import Manifest, build_dataset, read_manifest
 from proco_ray.storage import is_s3, join, resolve, write_bytes
-from proco_ray.train_loop import WorkerEnv, train_worker
+from proco_ray.train_loop import BEST_EPOCH, SELECTION_METRIC, WorkerEnv, train_worker
 
-TRAIN, TRAIN_RESAMPLED = "train", "train_resampled"
-CHECKPOINT_METRIC = "val/macro_f1"
+TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
+CHECKPOINT_METRIC = SELECTION_METRIC
 
 
 def check_manifest(config: Config, manifest: Manifest) -> None:
@@ -72,21 +73,25 @@ def check_resources(config: Config, streams_data: bool = True) -> None:
         )
 
 
-def _needs_resampling(config: Config) -> bool:
-    return any(stage.resample for stage in METHODS[config.method.name].stages_for(config.method, config.optim.epochs))
+def train_inputs(config: Config) -> list[TrainInput]:
+    """The distinct training inputs of the run's stages (one Ray Dataset each)."""
+    stages = METHODS[config.method.name].stages_for(config.method, config.optim.epochs)
+    return list(dict.fromkeys(train_input(stage, config.data.augmentation) for stage in stages))
 
 
 def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dataset]:
     data = config.data
     common = dict(image_size=data.image_size, seed=config.train.seed)
     datasets = {
-        TRAIN: build_dataset(data.uri, data.train_split, train=True, **common),
-        data.val_split: build_dataset(data.uri, data.val_split, train=False, **common),
-    }
+        source.key: build_dataset(
+            data.uri, data.train_split, train=True, resample=source.resample, augmentation=source.augmentation,
+            views=source.views, **common,
+        )
+        for source in train_inputs(config)
+    }  # fmt: skip
+    datasets[data.val_split] = build_dataset(data.uri, data.val_split, train=False, **common)
     if data.test_split in manifest.splits:
         datasets[data.test_split] = build_dataset(data.uri, data.test_split, train=False, **common)
-    if _needs_resampling(config):
-        datasets[TRAIN_RESAMPLED] = build_dataset(data.uri, data.train_split, train=True, resample=True, **common)
     return datasets
 
 
@@ -103,8 +108,8 @@ def shard_feed(config: Config, context: dict[str, Any]) -> DataFeed:
     train_rows = context["train_rows"]
     steps = (train_rows // world) // local_batch
 
-    def train_batches(resample: bool, epoch: int) -> Iterator[Batch]:
-        shard = ray.train.get_dataset_shard(TRAIN_RESAMPLED if resample else TRAIN)
+    def train_batches(source: TrainInput, epoch: int) -> Iterator[Batch]:
+        shard = ray.train.get_dataset_shard(source.key)
         yield from shard.iter_torch_batches(batch_size=local_batch, drop_last=True)
 
     def eval_batches(split: str) -> Iterator[Batch]:
@@ -119,9 +124,10 @@ def shard_feed(config: Config, context: dict[str, Any]) -> DataFeed:
 class TensorBoardSync:
     """Rank 0 writes TensorBoard files locally; for s3:// run storage they are copied up after every epoch."""
 
-    def __init__(self, run_uri: str) -> None:
+    def __init__(self, run_uri: str, filesystem: Any = None) -> None:
         self.remote = join(run_uri, "tensorboard")
         self.local = Path(tempfile.mkdtemp(prefix="proco-tb-")) if is_s3(run_uri) else Path(self.remote)
+        self.filesystem = filesystem
 
     def push(self) -> None:
         if self.local == Path(self.remote):
@@ -129,7 +135,15 @@ class TensorBoardSync:
         import pyarrow.fs as pafs
 
         fs, path = resolve(self.remote)
-        pafs.copy_files(str(self.local), path, destination_filesystem=fs)
+        pafs.copy_files(str(self.local), path, destination_filesystem=self.filesystem or fs)
+
+    def close(self) -> None:
+        """Last push, then remove the local copy of s3:// runs (nothing is left in the temp directory)."""
+        if self.local != Path(self.remote):
+            try:
+                self.push()
+            finally:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -139,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     feed_factory = loop_config.get("feed_factory")
     feed = feed_factory(config, rank, context.get_world_size()) if feed_factory else shard_feed(config, loop_config)
-    tensorboard = TensorBoardSync(loop_config["run_uri"]) if rank == 0 else None
+    tensorboard = TensorBoardSync(loop_config["run_uri"], loop_config.get("run_filesystem")) if rank == 0 else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if tensorboard is not None:
@@ -158,12 +172,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print_progress=True,
     )
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        train_worker(config, feed, env)
-        return
-    with checkpoint.as_directory() as directory:
-        env.resume_from = Path(directory)
-        train_worker(config, feed, env)
+    try:
+        if checkpoint is None:
+            train_worker(config, feed, env)
+            return
+        with checkpoint.as_directory() as directory:
+            env.resume_from = Path(directory)
+            train_worker(config, feed, env)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
 
 
 FeedFactory = Callable[[Config, int, int], DataFeed]
@@ -192,9 +210,10 @@ def build_trainer(
             classes=manifest.classes,
             class_counts=manifest.class_counts(config.data.train_split),
             train_rows=manifest.num_rows(config.data.train_split),
-            eval_splits=[s for s in datasets if s not in (TRAIN, TRAIN_RESAMPLED)],
+            eval_splits=[s for s in datasets if not s.startswith(TRAIN_PREFIX)],
         )
-    storage_path = config.train.storage_path if is_s3(config.train.storage_path) else os.path.abspath(config.train.storage_path)
+    storage_path, storage_filesystem = run_storage(config.train.storage_path)
+    loop_config["run_filesystem"] = storage_filesystem
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -206,6 +225,7 @@ def build_trainer(
         run_config=RunConfig(
             name=config.train.name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.train.keep_checkpoints,
                 checkpoint_score_attribute=CHECKPOINT_METRIC,
@@ -215,8 +235,18 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
         datasets=datasets or None,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in (TRAIN, TRAIN_RESAMPLED) if d in datasets]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in datasets if d.startswith(TRAIN_PREFIX)]),
     )
+
+
+def run_storage(storage_path: str) -> tuple[str, Any]:
+    """(path, filesystem) for Ray Train's RunConfig. For s3:// the filesystem is built here, from this
+    process's endpoint and credentials, and travels with the run, so the Train controller and workers
+    reach the same S3 whatever their own environment holds."""
+    if is_s3(storage_path):
+        filesystem, path = resolve(storage_path)
+        return path, filesystem
+    return os.path.abspath(storage_path), None
 
 
 def write_run_file(config: Config, filename: str, data: bytes) -> str:
@@ -241,17 +271,32 @@ def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Re
 
 
 def summarise(result: ray.train.Result, config: Config) -> dict[str, Any]:
-    """What a user wants after a run: its metrics and where its outputs are."""
+    """What a user wants after a run: the model selected on validation, its metrics, and where the outputs are.
+
+    `metrics` are the last report's: validation metrics of the last epoch and, under best/* and test/*, the
+    epoch with the best validation macro-F1 and its test metrics; `best_checkpoint` is that epoch's checkpoint.
+    """
     if result.error is not None:
         raise result.error
-    best = result.get_best_checkpoint(CHECKPOINT_METRIC, "max") if result.best_checkpoints else None
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("val/", "test/", "best/", "epoch"))}
+    by_epoch = {m.get("epoch"): c for c, m in result.best_checkpoints or []}
+    best = by_epoch.get(metrics.get(BEST_EPOCH))
+    if best is None and result.best_checkpoints:
+        best = result.get_best_checkpoint(CHECKPOINT_METRIC, "max")
     return {
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(("val/", "test/", "epoch"))},
-        "best_checkpoint": best.path if best else None,
-        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": metrics,
+        "best_checkpoint": storage_uri(best.path, config) if best else None,
+        "latest_checkpoint": storage_uri(result.checkpoint.path, config) if result.checkpoint else None,
         "tensorboard": join(config.train.storage_path, config.train.name, "tensorboard"),
-        "run": result.path,
+        "run": storage_uri(result.path, config),
     }
+
+
+def storage_uri(path: str, config: Config) -> str:
+    """A path Ray reports inside the run storage, as a URI the next command takes (Ray drops the s3:// scheme)."""
+    if is_s3(config.train.storage_path) and not is_s3(path):
+        return "s3://" + path.lstrip("/")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if not config.data.uri:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
+    check_manifest(config, read_manifest(config.data.uri))  # before Ray starts: a bad --data fails in a second
     connect_or_start_ray(min_cpus=config.run_resources()["CPU"])
     summary = json.dumps(summarise(fit(config), config), indent=2, default=str)
     print(summary)

@@ -1,6 +1,7 @@
 """Image transforms, and the batch functions that apply them inside Ray Data workers.
 
-Training uses MoCo v2's two-view augmentation; evaluation a deterministic
+Two-view methods train on MoCo v2's augmentation, single-view methods on a
+standard supervised one (`data.augmentation`); evaluation uses a deterministic
 resize + centre crop. Both end in ImageNet normalisation and produce float32
 [3, H, W] arrays, so the training loop only moves tensors to its device.
 """
@@ -42,12 +43,33 @@ def moco_v2_view(size: int) -> Callable[[Image.Image], Image.Image]:
         T.RandomGrayscale(p=0.2),
         T.RandomApply([GaussianBlur()], p=0.5),
         T.RandomHorizontalFlip(),
-    ])  # fmt: skip
+    ])
+
+
+def supervised_view(size: int) -> Callable[[Image.Image], Image.Image]:
+    """The standard single-view augmentation for dermoscopy and fundus images, which have no up or left:
+    RandomResizedCrop(0.5-1), horizontal and vertical flips, mild colour jitter."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.5, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomVerticalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2, 0.02),
+    ])
 
 
 def eval_view(size: int) -> Callable[[Image.Image], Image.Image]:
     """Deterministic: resize the short side, centre-crop to size x size."""
     return T.Compose([T.Resize(size), T.CenterCrop(size)])
+
+
+AUGMENTATIONS = {"moco_v2": moco_v2_view, "supervised": supervised_view, "none": eval_view}
+
+
+def train_view(augmentation: str, size: int) -> Callable[[Image.Image], Image.Image]:
+    """A training view by name: 'moco_v2' (two-view methods), 'supervised' (single-view methods) or 'none'."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {sorted(AUGMENTATIONS)}, got '{augmentation}'")
+    return AUGMENTATIONS[augmentation](size)
 
 
 def moco_v2_augmentation(size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -83,16 +105,18 @@ def decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def two_view_batch(batch: dict[str, np.ndarray], *, size: int, augment: bool = True,
-                   with_ids: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
-    """Encoded images -> view_q, view_k (float32 [B,3,H,W]) and label; without augment both views are the eval view."""
-    view = moco_v2_view(size) if augment else eval_view(size)
+def train_batch(
+    batch: dict[str, np.ndarray], *, size: int, augmentation: str = "moco_v2", views: int = 2, with_ids: bool = False
+) -> dict[str, np.ndarray]:
+    """Encoded images -> view_q (and view_k when views=2: an independent draw), float32 [B,3,H,W], and label."""
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, got {views}")
+    view = train_view(augmentation, size)
     images = [decode(data) for data in batch["image"]]
-    out = {
-        "view_q": normalize_batch([view(image) for image in images]),
-        "view_k": normalize_batch([view(image) for image in images]),
-        "label": batch["label"].astype(np.int64),
-    }
+    out = {"view_q": normalize_batch([view(image) for image in images])}
+    if views == 2:
+        out["view_k"] = normalize_batch([view(image) for image in images])
+    out["label"] = batch["label"].astype(np.int64)
     if with_ids:
         out["id"] = batch["id"]
     return out

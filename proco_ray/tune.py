@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from typing import Any, Mapping, Sequence
 
 import ray
 import ray.tune
-import yaml
 from ray.train import UserCallback
 from ray.tune import Tuner
 from ray.tune.logger import TBXLoggerCallback
@@ -43,29 +41,19 @@ from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import Config, ConfigError, load_config, parse_overrides
 from proco_ray.experiments import (
     DRIVER_CPUS,
-    SEED_KEY,
     Asha,
     Domain,
     Experiment,
     TrialRecord,
-    asha_rungs,
     base_tree,
-    best_group,
-    best_trial,
-    curves,
-    final_metrics,
     load_experiment,
     max_concurrent_trials,
-    product_labels,
-    summarise_groups,
-    table_rows,
     trial_config,
-    trial_overrides,
     trial_resources,
     validate,
 )
-from proco_ray.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
-from proco_ray.storage import is_s3, join, read_bytes, resolve, write_bytes
+from proco_ray.results import write_results
+from proco_ray.storage import is_s3, join, read_bytes, write_bytes
 from proco_ray.trainer import FeedFactory, build_trainer, check_manifest, save_resolved_config
 
 STOP_TIMEOUT_S = 540.0  # below Tune's TUNE_FORCE_TRIAL_CLEANUP_S (600 s), after which it kills the trial
@@ -375,105 +363,6 @@ def records_from(grid: ray.tune.ResultGrid) -> list[TrialRecord]:
 
 
 # --------------------------------------------------------------------------- results
-
-
-def _outcome(record: TrialRecord, max_epochs: int) -> str:
-    if record.error is not None:
-        return "failed"
-    return "completed" if record.epochs >= max_epochs else "stopped"
-
-
-def write_results(records: Sequence[TrialRecord], experiment: Experiment, experiment_uri: str, max_epochs: int) -> dict[str, str]:
-    """results/ in the experiment folder: markdown + CSV tables (mean ± std over seeds), best config, plots."""
-    if is_s3(experiment_uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            names = _write_results_to(Path(tmp), records, experiment, max_epochs)
-            import pyarrow.fs as pafs
-
-            fs, path = resolve(join(experiment_uri, "results"))
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
-        return {key: join(experiment_uri, "results", name) for key, name in names.items()}
-    out = Path(experiment_uri) / "results"
-    names = _write_results_to(out, records, experiment, max_epochs)
-    return {key: str(out / name) for key, name in names.items()}
-
-
-def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Experiment, max_epochs: int) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    groups = summarise_groups(records, max_epochs, order=product_labels(experiment) if experiment.variants else ())
-    rungs = asha_rungs(max_epochs, experiment.asha.grace_period, experiment.asha.reduction_factor) if experiment.asha else []
-    names: dict[str, str] = {}
-
-    trial_rows = []
-    for r in records:
-        source, final = final_metrics(r.history)
-        last = r.history[-1] if r.history else {}
-        trial_rows.append({
-            "trial": r.trial_id, "variant": r.group, "seed": r.params.get(SEED_KEY, ""), "outcome": _outcome(r, max_epochs),
-            "epochs": r.epochs, "metrics from": source, **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
-            experiment.metric: last.get(experiment.metric, ""), "error": r.error or "",
-        })  # fmt: skip
-    if trial_rows:
-        names["trials_csv"] = write_csv(trial_rows, out / "trials.csv").name
-    if groups:
-        names["csv"] = write_csv(table_rows(groups, markdown=False), out / "results.csv").name
-
-    best = best_group(groups)
-    top = best_trial(records, experiment.metric, experiment.mode)
-    if best is not None:
-        variants = {k: dict(v) for k, v in experiment.variants.items()}
-        best_yaml = {
-            "variant": best.group,
-            "overrides": trial_overrides(variants, best.params),
-            "macro_f1": {"mean": best.stats["macro_f1"][0], "std": best.stats["macro_f1"][1], "seeds": best.n},
-            "metrics_from": list(best.sources),
-        }
-        (out / "best.yaml").write_text(yaml.safe_dump(best_yaml, sort_keys=False))
-        names["best"] = "best.yaml"
-
-    for metric in dict.fromkeys((experiment.metric, "val/macro_f1")):
-        points = curves(records, metric)
-        stopped = [f"{r.group} [{r.trial_id}]" for r in records if _outcome(r, max_epochs) == "stopped"]
-        file = f"curves_{metric.replace('/', '_')}.png"
-        plot_trial_curves(points, out / file, metric, stopped=stopped, rungs=rungs)
-        names[f"curves:{metric}"] = file
-    recall = {g.group: g.recall for g in groups if g.recall}
-    if recall:
-        plot_grouped_bars(recall, out / "recall.png", "recall (mean ± std over seeds)", "per-class recall per variant")
-        names["recall"] = "recall.png"
-    reached = [(f"{r.group} [{r.trial_id}]", r.epochs, _outcome(r, max_epochs)) for r in records]
-    if reached:
-        plot_epochs_reached(reached, out / "epochs.png", max_epochs, rungs)
-        names["epochs"] = "epochs.png"
-
-    lines = [f"# {experiment.name}", ""]
-    if experiment.description:
-        lines += [experiment.description.strip(), ""]
-    lines += [
-        f"{len(records)} trials; {sum(_outcome(r, max_epochs) == 'completed' for r in records)} ran all {max_epochs} epochs, "
-        f"stopped early ({'by ASHA, or ' if experiment.asha else ''}by an interrupted sweep): "
-        f"{sum(_outcome(r, max_epochs) == 'stopped' for r in records)}, "
-        f"failed: {sum(_outcome(r, max_epochs) == 'failed' for r in records)}.",
-        "",
-        "Metrics are mean ± sample std over seeds. *metrics from* says which split: `test` (test/* of the last "
-        "epoch) for trials that ran all epochs, `val` (the last val/* reported) for trials stopped early.",
-        "",
-        markdown_table(table_rows(groups, markdown=True)) if groups else "(no trial reported a result)\n",
-    ]
-    if best is not None:
-        lines += [
-            f"**Best variant/config** (mean macro-F1): `{best.group}` — "
-            f"{best.stats['macro_f1'][0]:.3f} ± {best.stats['macro_f1'][1]:.3f} over {best.n} seed(s); overrides in best.yaml.",
-            "",
-        ]
-    if top is not None:
-        lines += [f"**Best trial** by {experiment.metric} ({experiment.mode}): `{top.trial_id}` ({top.group}), "
-                  f"{top.history[-1][experiment.metric]:.4g} at epoch {top.epochs}.", ""]  # fmt: skip
-    lines += [f"![{key}]({file})" for key, file in names.items() if file.endswith(".png")]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    names["markdown"] = "results.md"
-    return names
 
 
 def report(experiment_uri: str, experiment: Experiment | None = None) -> dict[str, str]:

@@ -34,3 +34,24 @@ def test_wrong_types_and_malformed_overrides():
         load_config(None, ["method.gamma"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent.yaml")
+
+
+def test_cli_prints_one_line_for_expected_errors_before_starting_ray(tmp_path):
+    """Issue 11.7: a bad config key or data URI gave a 15-46 line traceback after Ray had started."""
+    import os
+    import subprocess
+    import sys
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RAY_ADDRESS": "local"}
+        return subprocess.run([sys.executable, "-m", "proco_ray", "train", "--config", "cpu-small", *args],
+                              capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+
+    bad_key = train("--data", str(tmp_path / "nothing"), "optim.epohcs=3")
+    assert bad_key.returncode == 1
+    assert bad_key.stderr.startswith("proco-ray train: error: unknown config key 'optim.epohcs'; did you mean 'epochs'?")
+    no_data = train("--data", str(tmp_path / "nothing"))
+    assert no_data.returncode == 1 and no_data.stderr.startswith("proco-ray train: error: no manifest.json at")
+    for result in (bad_key, no_data):
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert "Ray" not in result.stderr  # refused before a Ray instance was started

@@ -1,8 +1,10 @@
 """The whole path: a prepared dataset in real S3 -> Ray Data -> TorchTrainer (2 gloo workers) -> evaluate."""
 
 import json
+import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from proco_ray.cli import main
@@ -10,6 +12,7 @@ from proco_ray.config import ConfigError, load_config
 from proco_ray.errors import DataError
 from proco_ray.pipeline import read_manifest
 from proco_ray.prepare import PrepareOptions, prepare
+from proco_ray.storage import resolve
 from proco_ray.synthetic import write_image_folder
 from proco_ray.trainer import build_trainer, fit, summarise
 
@@ -28,9 +31,16 @@ def prepared(tmp_path_factory):
 def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     uri = "s3://proco-e2e/tiny"
     prepare(str(prepared / "source"), uri, PrepareOptions(image_size=16, overwrite=True))
-    config = load_config(TINY, OVERRIDES + [f"data.uri={uri}", f"train.storage_path={tmp_path}", "train.name=e2e", "method.name=ce_resample"])
+    runs = "s3://proco-e2e/runs"
+    config = load_config(TINY, OVERRIDES + [f"data.uri={uri}", f"train.storage_path={runs}", "train.name=e2e", "method.name=ce_resample"])
+    temp_before = set(Path(tempfile.gettempdir()).glob("proco-tb-*"))
     summary = summarise(fit(config), config)
     assert summary["metrics"]["epoch"] == 2 and "test/macro_f1" in summary["metrics"]
+    # issue 11.8: every path written is usable as the next command's input; 11.9: no temp folder left behind
+    assert summary["best_checkpoint"].startswith(runs + "/e2e/") and summary["run"].startswith(runs)
+    assert set(Path(tempfile.gettempdir()).glob("proco-tb-*")) == temp_before
+    fs, path = resolve(summary["tensorboard"])
+    assert any(info.size for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--data", uri, "--split", "test", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

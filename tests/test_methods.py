@@ -125,7 +125,7 @@ def test_cl_linear_stage_trains_only_the_classifier():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("gamma", -1), ("eps_max", 1.0), ("eps_max", -0.1), ("tau", 0.0), ("loss", "mse"), ("queue_size", -5)],
+    [("gamma", -1), ("eps_max", 1.0), ("eps_max", -0.1), ("tau", 0.0), ("loss", "mse"), ("queue_size", -5), ("proto_form", "sum")],
 )
 def test_bad_proco_settings_name_the_argument(field, value):
     with pytest.raises(ValueError, match=field):
@@ -146,3 +146,20 @@ def test_ldam_classifies_with_cosine_logits_as_its_scale_assumes():
     scaled = make("ldam_drw", ldam_scale=30.0)
     losses = train_steps(*scaled, 15)
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) / 3 < losses[0]
+
+
+def test_each_method_reads_its_augmentation_and_views():
+    from proco_ray.feeds import TrainInput
+    from proco_ray.methods import METHODS, train_input
+
+    def inputs(name: str, augmentation: str = "auto") -> list[TrainInput]:
+        return [train_input(stage, augmentation) for stage in METHODS[name].stages_for(MethodConfig(name=name), 10)]
+
+    assert inputs("proco") == [TrainInput(False, "moco_v2", 2)]
+    for single in ("ce", "focal", "ldam_drw", "ohem"):
+        assert inputs(single) == [TrainInput(False, "supervised", 1)]
+    assert inputs("ce_resample") == [TrainInput(True, "supervised", 1)]
+    assert inputs("cl_resample") == [TrainInput(False, "moco_v2", 2), TrainInput(True, "supervised", 1)]
+    assert inputs("ce", "moco_v2") == [TrainInput(False, "moco_v2", 1)]
+    with pytest.raises(ValueError, match="data.augmentation must be 'auto' or one of"):
+        inputs("ce", "randaugment")

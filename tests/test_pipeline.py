@@ -80,7 +80,7 @@ def test_eval_is_deterministic_and_complete(prepared):
 
 
 def test_every_training_row_once_per_epoch_across_two_consumers(prepared):
-    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True)
+    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True)
     consumers = ds.streaming_split(2, equal=False)
     expected = read_manifest(prepared).num_rows("train")
     orders = []
@@ -101,9 +101,9 @@ def test_shuffle_is_fresh_each_epoch_and_seeded(prepared, ray_local):
     context = ray_local.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     try:
-        first = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=1)
-        again = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=1)
-        other = build_dataset(prepared, "train", image_size=SIZE, train=True, augment=False, with_ids=True, seed=2)
+        first = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=1)
+        again = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=1)
+        other = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=2)
         epochs = [epoch_ids(first), epoch_ids(first)]
         assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
         assert epoch_ids(again) == epochs[0]
@@ -147,3 +147,31 @@ def test_streams_from_s3(tmp_path, datagen, s3_env, ray_local):
     manifest = read_manifest(uri)
     batches = list(build_dataset(uri, "train", image_size=SIZE, train=True).iter_torch_batches(batch_size=10))
     assert sum(len(b["label"]) for b in batches) == manifest.num_rows("train") == 30
+
+
+def test_single_view_supervised_batches_have_no_key_view(prepared):
+    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="supervised", views=1)
+    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
+    assert set(batch) == {"view_q", "label"} and batch["view_q"].shape == (8, 3, SIZE, SIZE)
+
+
+def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
+    """The Ray-free feed: same manifest, splits, class counts and eval images as build_dataset."""
+    from proco_ray.config import load_config
+    from proco_ray.feeds import TrainInput, local_feed
+
+    config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "data.eval_batch_size=16"])
+    feed = local_feed(prepared, config, workers=0)
+    manifest = read_manifest(prepared)
+    assert feed.class_names == manifest.classes and feed.class_counts == manifest.class_counts("train")
+    assert feed.steps_per_epoch == manifest.num_rows("train") // 8
+    batches = list(feed.train_batches(TrainInput(False, "moco_v2", 2), 0))
+    assert len(batches) == feed.steps_per_epoch and set(batches[0]) == {"view_q", "view_k", "label"}
+    single = next(iter(feed.train_batches(TrainInput(True, "supervised", 1), 0)))
+    assert set(single) == {"view_q", "label"} and single["view_q"].shape == (8, 3, SIZE, SIZE)
+    local = torch.cat([b["image"] for b in feed.eval_batches("val")])
+    ray_side = torch.cat([b["image"] for b in build_dataset(prepared, "val", image_size=SIZE, train=False).iter_torch_batches(batch_size=16)])
+    assert local.shape == ray_side.shape
+    torch.testing.assert_close(local.sum(0), ray_side.sum(0), rtol=1e-4, atol=1e-3)  # same images, any order
+    with pytest.raises(KeyError, match="no split 'holdout'"):
+        feed.eval_batches("holdout")

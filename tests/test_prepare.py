@@ -183,3 +183,38 @@ def test_prepare_real_isic_into_s3(shared_data, s3_env, ray_local):
     assert manifest["split"]["grouped_by"] == "HAM10000_metadata.csv"
     _, rows = read_rows(out)
     assert len(rows) == 5984 and manifest["counts"] == counts_of(rows, manifest["classes"])
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_output_overlapping_the_source_is_refused_and_the_source_kept(tmp_path, datagen, where):
+    """Issue 11.1: `prepare SRC SRC --overwrite` deleted the whole source dataset and exited 0."""
+    source = datagen.imagefolder(tmp_path / "data" / "folder")
+    before = _snapshot(tmp_path / "data")
+    output = {"same": source, "inside": source / "prepared", "around": tmp_path / "data"}[where]
+    with pytest.raises(DataError, match="overlaps the input"):
+        prepare(str(source), str(output), PrepareOptions(image_size=16, overwrite=True))
+    assert _snapshot(tmp_path / "data") == before
+    assert main([str(source), str(output), "--overwrite"]) == 1
+
+
+def test_overwrite_never_deletes_what_prepare_did_not_write(tmp_path, datagen):
+    source = str(datagen.imagefolder(tmp_path / "folder"))
+    foreign = tmp_path / "mine"
+    (foreign / "notes").mkdir(parents=True)
+    (foreign / "notes" / "thesis.tex").write_text("months of work")
+    with pytest.raises(DataError, match="did not write .*--overwrite only replaces a previous prepare's output"):
+        prepare(source, str(foreign), PrepareOptions(image_size=16, overwrite=True))
+    assert (foreign / "notes" / "thesis.tex").read_text() == "months of work"
+
+
+def test_overwrite_replaces_an_interrupted_prepare(tmp_path, datagen, ray_local):
+    source = str(datagen.imagefolder(tmp_path / "folder"))
+    out = tmp_path / "out"
+    prepare(source, str(out), PrepareOptions(image_size=16))
+    (out / "manifest.json").unlink()  # died before its last step: the marker still says whose folder it is
+    manifest = prepare(source, str(out), PrepareOptions(image_size=16, overwrite=True))
+    assert (out / "manifest.json").is_file() and manifest["image_size"] == 16

@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from proco_ray.losses import (
+    PROTO_FORMS,
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
     embedding_std,
     proto_loss,
     supervised_infonce,
+    unified_proto_loss,
 )
 
 
@@ -248,3 +250,89 @@ def test_embedding_std_separates_collapsed_from_spread_features():
     assert embedding_std(collapsed).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="at least 2 rows"):
         embedding_std(spread[:1])
+
+
+def brute_unified(similarity, positive, negative, logits, labels, tau, form, margin):
+    """Each form of the assembled Eq. 7, sample by sample, from its definition in docs/method.md."""
+    out = []
+    for j in range(similarity.shape[0]):
+        y = int(labels[j])
+        s_pos = [float(v) for v, m in zip(similarity[j], positive[j]) if m]
+        s_neg = [float(v) for v, m in zip(similarity[j], negative[j]) if m]
+        if form == "circle":
+            a = [max(0.0, s + margin) * (s - margin) / tau for s in s_neg]
+            b = [max(0.0, 1 + margin - s) * (s - 1 + margin) / tau for s in s_pos]
+        else:
+            a = [s / tau for s in s_neg]
+            b = [s / tau for s in s_pos]
+        l_own = float(logits[j, y])
+        l_other = [float(logits[j, c]) for c in range(logits.shape[1]) if c != y]
+        if form == "mean":
+            a = [math.log(sum(math.exp(v) for v in a) / len(a))] if a else []
+            b = [-math.log(sum(math.exp(-v) for v in b) / len(b))] if b else []
+        if form == "split":
+            inst = math.log(1 + sum(math.exp(v) for v in a) * sum(math.exp(-v) for v in b))
+            proto = math.log(1 + sum(math.exp(v) for v in l_other) * math.exp(-l_own))
+            out.append(inst + proto)
+            continue
+        neg_sum = sum(math.exp(v) for v in a + l_other)
+        pos_sum = sum(math.exp(-v) for v in b + [l_own])
+        out.append(math.log(1 + neg_sum * pos_sum))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("form", ["eq7", "mean", "split", "circle"])
+@pytest.mark.parametrize("tau", [1.0, 0.2])
+@pytest.mark.parametrize("seed", range(2))
+def test_unified_proto_loss_matches_brute_force(form, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, entries, classes = 6, 11, 4
+    similarity = torch.rand(batch, entries, generator=g) * 2 - 1
+    kind = torch.randint(0, 3, (batch, entries), generator=g)  # 0 positive, 1 negative, 2 neither
+    positive, negative = kind == 0, kind == 1
+    positive[0], negative[1] = False, False  # a sample without positives, one without negatives
+    logits = torch.randn(batch, classes, generator=g) * 2
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    got = unified_proto_loss(similarity, positive, negative, logits, labels, tau=tau, form=form, margin=0.25)
+    expected = brute_unified(similarity, positive, negative, logits, labels, tau, form, 0.25)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unified_eq7_is_proto_loss_of_the_concatenated_sets():
+    g = torch.Generator().manual_seed(5)
+    similarity = torch.rand(3, 7, generator=g) * 2 - 1
+    positive = torch.rand(3, 7, generator=g) > 0.5
+    negative = ~positive
+    logits, labels = torch.randn(3, 4, generator=g), torch.tensor([0, 3, 1])
+    own = F.one_hot(labels, 4).bool()
+    pos = torch.cat([similarity / 0.1, logits.gather(1, labels[:, None])], 1)
+    neg = torch.cat([similarity / 0.1, logits], 1)
+    expected = proto_loss(pos, neg, torch.cat([positive, torch.ones(3, 1, dtype=torch.bool)], 1), torch.cat([negative, ~own], 1))
+    torch.testing.assert_close(unified_proto_loss(similarity, positive, negative, logits, labels, tau=0.1), expected)
+
+
+def test_unified_proto_loss_gradients_finite_and_bad_input():
+    similarity = (torch.rand(4, 5) * 2 - 1).requires_grad_()
+    logits = torch.randn(4, 3, requires_grad=True)
+    none = torch.zeros(4, 5, dtype=torch.bool)
+    for form in PROTO_FORMS:
+        loss = unified_proto_loss(similarity, none, none, logits, torch.tensor([0, 1, 2, 0]), tau=0.07, form=form)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(similarity.grad).all() and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="form"):
+        unified_proto_loss(similarity, none, none, logits, torch.tensor([0, 1, 2, 0]), tau=1.0, form="sum")
+    with pytest.raises(ValueError, match="logits"):
+        unified_proto_loss(similarity, none, none, logits[:2], torch.tensor([0, 1, 2, 0]), tau=1.0)
+    with pytest.raises(ValueError, match="labels"):
+        unified_proto_loss(similarity, none, none, logits, torch.tensor([0, 1]), tau=1.0)
+
+
+def test_collapsed_embedding_scores_worse_than_a_clustered_one_under_circle():
+    """Circle's optimum is an absolute target (s_p >= 1 - m, s_n <= m), so collapse is not a cheap way down."""
+    labels = torch.tensor([0, 1])
+    positive = torch.tensor([[True, False], [False, True]])
+    logits = torch.zeros(2, 2)
+    collapsed = torch.ones(2, 2)
+    clustered = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = lambda s: unified_proto_loss(s, positive, ~positive, logits, labels, tau=0.1, form="circle").mean()  # noqa: E731
+    assert loss(clustered) < loss(collapsed)

@@ -216,3 +216,16 @@ def test_official_and_test_modes():
         make_split("official", labels, None, [None] * 3, **kwargs)
     with pytest.raises(DataError, match="unknown split mode"):
         make_split("random", labels, None, official, **kwargs)
+
+
+@pytest.mark.parametrize("stray", [5, 9])
+def test_medmnist_stray_label_is_an_error_naming_the_row_whatever_the_file_is_called(tmp_path, stray):
+    """Issue 11.6: a single 5 became a sixth class; a 9 gave a misleading 'class(es) with no image'."""
+    labels = (np.arange(40) % 5).astype(np.uint8)
+    labels[17] = stray
+    images = np.zeros((40, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "my_fundus_set.npz", train_images=images, train_labels=labels.reshape(-1, 1))
+    with pytest.raises(DataError, match=rf"(?s)stray label\(s\) \[{stray}\].*0\.\.4.*train\[17\] = {stray}"):
+        read_source(str(tmp_path / "my_fundus_set.npz"))
+    declared = read_source(str(tmp_path / "my_fundus_set.npz"), classes=[str(i) for i in range(stray + 1)]) if stray == 5 else None
+    assert declared is None or declared.classes == ["0", "1", "2", "3", "4", "5"]  # declared classes are taken as given

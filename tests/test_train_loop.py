@@ -30,12 +30,20 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize("method", ["proco", "cl_resample"])
-def test_loop_reports_every_epoch_and_test_at_the_end(tmp_path, method):
+def test_loop_reports_every_epoch_and_test_of_the_best_validation_epoch(tmp_path, method):
     config = load_config(TINY, OVERRIDES + [f"method.name={method}"])
     reports = LocalCheckpoints(tmp_path / "ckpt", keep=1)
     metrics = train_worker(config, small_feed(), WorkerEnv(report=reports, log_dir=tmp_path / "tb", print_progress=False))
-    assert [m["epoch"] for m in reports.history] == [1, 2, 3]
-    assert "test/macro_f1" in metrics and "test/macro_f1" not in reports.history[0]
+    history = reports.history
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    for seen, report in enumerate(history, 1):
+        best = max(history[:seen], key=lambda m: (m["val/macro_f1"], -m["epoch"]))  # first epoch with the best val F1
+        assert report["best/epoch"] == best["epoch"] and report["best/val_macro_f1"] == best["val/macro_f1"]
+        selected = history[best["epoch"] - 1]
+        assert {k: v for k, v in report.items() if k.startswith("test/")} == {
+            k: v for k, v in selected.items() if k.startswith("test/")
+        }
+    assert "test/macro_f1" in metrics
     assert 0.0 <= metrics["val/macro_f1"] <= 1.0
     assert any((tmp_path / "tb").iterdir())
     assert load_checkpoint(reports.latest)["epoch"] == 3
@@ -71,3 +79,22 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         load_checkpoint(reports.latest)
     with pytest.raises(CheckpointError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_collapse_guard_names_the_threshold_and_the_docs():
+    from proco_ray.train_loop import COLLAPSE_DOC, collapse_warning
+
+    assert collapse_warning({"train/embedding_std": 0.10}, feat_dim=64) is None
+    assert collapse_warning({"train/loss": 1.0}, feat_dim=64) is None  # methods without a contrastive embedding
+    message = collapse_warning({"train/embedding_std": 0.005}, feat_dim=64)
+    assert "COLLAPSED" in message and "0.0050 < 0.0250" in message and COLLAPSE_DOC in message
+
+
+def test_a_collapsed_run_says_so_in_its_progress_line_and_metrics(tmp_path, capsys, monkeypatch):
+    import proco_ray.train_loop as loop
+
+    monkeypatch.setattr(loop, "COLLAPSE_FRACTION", 10.0)  # every embedding counts as collapsed
+    config = load_config(TINY, OVERRIDES + ["optim.epochs=1"])
+    metrics = train_worker(config, small_feed(), WorkerEnv(report=LocalCheckpoints(tmp_path / "c"), log_dir=tmp_path / "tb"))
+    assert metrics["train/collapsed"] == 1.0
+    assert "COLLAPSED: embedding_std" in capsys.readouterr().out

@@ -8,21 +8,25 @@ from proco_ray.losses.baselines import (
     supcon_loss,
 )
 from proco_ray.losses.proco import (
+    PROTO_FORMS,
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
     embedding_std,
     proto_loss,
     supervised_infonce,
+    unified_proto_loss,
 )
 
 __all__ = [
+    "PROTO_FORMS",
     "PrototypeRecalibration",
     "adversarial_negatives",
     "adversarial_positives",
     "embedding_std",
     "proto_loss",
     "supervised_infonce",
+    "unified_proto_loss",
     "LDAMLoss",
     "drw_class_weights",
     "focal_loss",

@@ -74,6 +74,70 @@ def proto_loss(
     return F.softplus(lse_neg + lse_pos)
 
 
+PROTO_FORMS = ("eq7", "mean", "split", "circle")
+
+
+def _log_mean_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """log mean_{mask} e^x per row; -inf for a row with no entry."""
+    count = mask.sum(dim=1).to(x.dtype)
+    return masked_logsumexp(x, mask) - torch.log(count.clamp(min=1))
+
+
+def unified_proto_loss(
+    similarity: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    tau: float,
+    form: str = "eq7",
+    margin: float = 0.25,
+) -> Tensor:
+    """Eq. 7 assembled from its parts, per sample; `form` chooses how the instance terms enter.
+
+    similarity [B, N]: cosines g . s with every instance s (contrast set and proto-instances);
+    positive / negative [B, N]: s in H+ / H- (an entry in neither is ignored); logits [B, C]: the
+    recalibrated prototype logits l_hat; labels [B].
+
+    - eq7: the paper's Eq. 7 with tau on the instance terms (tau = 1 is the literal equation):
+      softplus(lse({g.s/tau : H-} U {l_c : c != y}) + lse({-g.s/tau : H+} U {-l_y})).
+    - mean: the same, but each instance set enters as one term, its log-mean-exp, so the few
+      prototype logits are not outvoted by hundreds of instance terms.
+    - split: the instance part and the prototype part as two Eq. 7 terms added together.
+    - circle: Eq. 7 with Circle loss's self-paced instance terms (Sun et al., CVPR 2020),
+      a_n = [s_n + m]_+ (s_n - m) / tau and b_p = [1 + m - s_p]_+ (s_p - 1 + m) / tau, whose
+      optimum is s_p >= 1 - m, s_n <= m rather than a mere ordering (a collapsed embedding scores badly).
+    """
+    if form not in PROTO_FORMS:
+        raise ValueError(f"form must be one of {PROTO_FORMS}, got '{form}'")
+    _check_matrix("similarity", similarity)
+    _check_mask("positive", positive, similarity)
+    _check_mask("negative", negative, similarity)
+    _check_matrix("logits", logits, rows=similarity.shape[0])
+    if labels.shape != (similarity.shape[0],):
+        raise ValueError(f"labels must have shape [{similarity.shape[0]}], got {tuple(labels.shape)}")
+    sim, logits = similarity.float(), logits.float()
+    if form == "circle":
+        pos_inst = torch.relu(1.0 + margin - sim.detach()) * (sim - 1.0 + margin) / tau
+        neg_inst = torch.relu(sim.detach() + margin) * (sim - margin) / tau
+    else:
+        pos_inst = neg_inst = sim / tau
+    own = F.one_hot(labels, logits.shape[1]).bool()
+    own_logit = logits.gather(1, labels[:, None])
+    always = torch.ones_like(own_logit, dtype=torch.bool)
+    if form == "split":
+        instance = proto_loss(pos_inst, neg_inst, positive, negative)
+        return instance + proto_loss(own_logit, logits, always, ~own)
+    if form == "mean":
+        pooled_neg = _log_mean_exp(neg_inst, negative)[:, None]
+        pooled_pos = -_log_mean_exp(-pos_inst, positive)[:, None]
+        pos_inst, neg_inst = pooled_pos, pooled_neg
+        positive, negative = positive.any(dim=1, keepdim=True), negative.any(dim=1, keepdim=True)
+    pos = torch.cat([pos_inst, own_logit], dim=1)
+    neg = torch.cat([neg_inst, logits], dim=1)
+    return proto_loss(pos, neg, torch.cat([positive, always], dim=1), torch.cat([negative, ~own], dim=1))
+
+
 def supervised_infonce(logits: Tensor, pos_mask: Tensor, valid_mask: Tensor | None = None) -> Tensor:
     """Supervised InfoNCE per sample (the loss ablation): -mean_p log softmax(logits)_p over positives.
 

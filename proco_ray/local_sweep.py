@@ -1,0 +1,183 @@
+"""An experiment's grid (variants x seeds) on one machine without Ray: `proco-ray local-sweep`.
+
+Each trial is the per-worker loop (`train_loop.train_worker`) on a `feeds.local_feed` over the
+prepared dataset (the same shards, checks, row orders and augmentations as the Ray Data
+pipeline), in its own process; `--parallel` trials run at once and share the machine's CPUs
+and its one GPU. It is for a single GPU machine or a workstation, where a Ray cluster buys
+nothing; `proco-ray tune` runs the same experiment files on a cluster, with ASHA.
+
+Layout of `--out`:
+    <trial>/config.yaml, <trial>/history.json   every epoch's metrics; a complete history is not rerun
+    results/                                      the same tables and plots as `proco-ray tune`
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from proco_ray.config import Config, ConfigError, load_config, parse_overrides, save_config
+from proco_ray.experiments import (
+    SEED_KEY,
+    Experiment,
+    TrialRecord,
+    base_tree,
+    group_label,
+    load_experiment,
+    trial_config,
+    validate,
+)
+from proco_ray.results import write_results
+
+
+def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
+    """Every (variant, seed) combination, seeds slowest: every variant runs once before any runs twice."""
+    plan = experiment.plan()
+    not_grid = [key for key, domain in plan.items() if domain.kind != "grid"]
+    if not_grid or experiment.num_samples != 1:
+        raise ConfigError(
+            f"experiment '{experiment.name}': a local sweep runs grids of variants and seeds only "
+            f"(sampled parameters {not_grid}, num_samples {experiment.num_samples}); use proco-ray tune"
+        )
+    keys = sorted(plan, key=lambda key: key != SEED_KEY)
+    return [dict(zip(keys, values)) for values in itertools.product(*(plan[k].values for k in keys))]
+
+
+def trial_name(params: dict[str, Any]) -> str:
+    label = group_label(params).replace(", ", "_").replace("=", "-").replace("/", "-")
+    return f"{label}_seed{params.get('train.seed', 0)}"
+
+
+def _history_path(out: Path, name: str) -> Path:
+    return out / name / "history.json"
+
+
+def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads: int, workers: int) -> dict[str, Any]:
+    """One trial in this process; returns {'history': [...]} or {'error': '...'}. Writes history.json as it goes."""
+    import torch
+
+    from proco_ray.config import config_from_dict
+    from proco_ray.feeds import local_feed
+    from proco_ray.train_loop import WorkerEnv, train_worker
+
+    torch.set_num_threads(threads)
+    config = config_from_dict(config_dict)
+    directory = Path(trial_dir)
+    history: list[dict[str, Any]] = []
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        history.append(metrics)
+        partial = directory / "history.json.partial"
+        partial.write_text(json.dumps(history))
+        partial.replace(directory / "history.json")
+
+    try:
+        feed = local_feed(config.data.uri, config, workers=workers)
+        env = WorkerEnv(device=torch.device(device), report=report, print_progress=False, save_checkpoints=False)
+        train_worker(config, feed, env)
+        return {"history": history}
+    except Exception as error:  # noqa: BLE001 - a failed trial is recorded, the sweep goes on
+        (directory / "error.txt").write_text(traceback.format_exc())
+        return {"history": history, "error": f"{type(error).__name__}: {error}"}
+
+
+def local_sweep(
+    experiment: Experiment,
+    base: dict[str, Any],
+    out: Path,
+    parallel: int = 1,
+    device: str = "cpu",
+    threads: int = 1,
+    workers: int = 1,
+    report_only: bool = False,
+) -> list[TrialRecord]:
+    """Run every trial not already complete in `out`, `parallel` at a time; write results/; return the records.
+
+    `report_only` trains nothing and writes results/ from the trials found (running, cut short or complete).
+    """
+    configs = validate(experiment, base)
+    epochs = configs[0].optim.epochs if configs else 0
+    trials = grid_trials(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    todo: list[tuple[str, dict[str, Any], Config]] = []
+    for params in [] if report_only else trials:
+        name = trial_name(params)
+        config = trial_config(base, experiment.variants, params, name=name, storage_path=str(out))
+        history_file = _history_path(out, name)
+        if history_file.is_file() and len(json.loads(history_file.read_text())) >= config.optim.epochs:
+            continue
+        (out / name).mkdir(exist_ok=True)
+        (out / name / "error.txt").unlink(missing_ok=True)
+        save_config(config, out / name / "config.yaml")
+        todo.append((name, params, config))
+    if not report_only:
+        print(f"{len(trials)} trials, {len(trials) - len(todo)} already complete, {len(todo)} to run, {parallel} at a time", flush=True)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=context) as pool:
+        futures = {pool.submit(run_trial, config.to_dict(), str(out / name), device, threads, workers): name for name, _, config in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            name = futures[future]
+            outcome = future.result()
+            last = outcome["history"][-1] if outcome["history"] else {}
+            status = outcome.get("error") or (
+                f"val macro-F1 {last.get('val/macro_f1', float('nan')):.3f}, best epoch {last.get('best/epoch')}, "
+                f"test macro-F1 {last.get('test/macro_f1', float('nan')):.3f}"
+            )
+            print(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+    records = []
+    for params in trials:
+        name = trial_name(params)
+        history_file = _history_path(out, name)
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        error_file = out / name / "error.txt"
+        error = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else None
+        if history or error is not None or not report_only:
+            records.append(TrialRecord(name, params, history, error))
+    write_results(records, experiment, str(out), epochs)
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)")
+    parser.add_argument("--data", required=True, help="prepared dataset URI (sets data.uri)")
+    parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes)")
+    parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
+    parser.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader processes per trial that decode and augment (default 1)")
+    parser.add_argument("--only", help="comma-separated variants of the experiment to run (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="write results/ from the trials in --out, train nothing")
+    parser.add_argument("--device", default="cpu", help="torch device of every trial, e.g. cuda (default cpu)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config, e.g. optim.epochs=15")
+
+
+def run(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.experiment)
+    if args.only:
+        chosen = args.only.split(",")
+        unknown = [v for v in chosen if v not in experiment.variants]
+        if unknown:
+            raise ConfigError(f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})")
+        experiment = dataclasses.replace(experiment, variants={v: experiment.variants[v] for v in chosen})
+    overrides = list(args.overrides) + [f"data.uri={args.data}"]
+    config_file = args.config or experiment.base
+    load_config(config_file, overrides)  # validates the file and the overrides
+    base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
+    records = local_sweep(
+        experiment, base, Path(args.out).resolve(), args.parallel, args.device, args.threads, args.workers, args.report_only
+    )
+    print((Path(args.out) / "results" / "results.md").read_text())
+    failed = [r for r in records if r.error and not args.report_only]
+    for record in failed:
+        print(f"failed: {record.trial_id}: {record.error}")
+    return 1 if failed else 0
+

@@ -1,0 +1,51 @@
+"""`proco-ray local-sweep`: an experiment's grid in processes without Ray, resumable, same results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proco_ray.config import ConfigError, load_config
+from proco_ray.experiments import base_tree, experiment_from_dict
+from proco_ray.local_sweep import grid_trials, local_sweep
+from proco_ray.prepare import PrepareOptions, prepare
+
+TINY = Path(__file__).parent / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, datagen, ray_local) -> str:
+    root = tmp_path_factory.mktemp("local-sweep")
+    source = datagen.imagefolder(root / "folder", {"common": 48, "rare": 16, "scarce": 12})
+    prepare(str(source), str(root / "prepared"), PrepareOptions(image_size=16))
+    return str(root / "prepared")
+
+
+def test_grid_runs_every_variant_before_any_second_seed_and_refuses_searches():
+    experiment = experiment_from_dict({"name": "g", "variants": {"a": {}, "b": {}}, "seeds": [0, 1], "asha": None})
+    assert [(t["variant"], t["train.seed"]) for t in grid_trials(experiment)] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    search = experiment_from_dict({"name": "s", "search_space": {"optim.lr": {"loguniform": [1e-3, 1e-1]}}, "num_samples": 2})
+    with pytest.raises(ConfigError, match="grids of variants and seeds only"):
+        grid_trials(search)
+
+
+def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tmp_path):
+    experiment = experiment_from_dict({
+        "name": "mini", "variants": {"ce": {"method.name": "ce"}, "proco": {"method.name": "proco"}},
+        "seeds": [0, 1], "asha": None,
+    })  # fmt: skip
+    base = base_tree(load_config(TINY).to_dict(), experiment, {"data": {"uri": prepared, "image_size": 16}, "optim": {"epochs": 2}})
+    records = local_sweep(experiment, base, tmp_path / "sweep", parallel=2, workers=0)
+    assert sorted(r.trial_id for r in records) == ["ce_seed0", "ce_seed1", "proco_seed0", "proco_seed1"]
+    assert all(r.error is None and r.epochs == 2 for r in records)
+    assert all("test/macro_f1" in r.history[-1] and "best/epoch" in r.history[-1] for r in records)
+    table = (tmp_path / "sweep" / "results" / "results.md").read_text()
+    assert "| ce | 2 | test |" in table and "| proco | 2 | test |" in table
+    history = tmp_path / "sweep" / "ce_seed0" / "history.json"
+    before = history.stat().st_mtime_ns
+    again = local_sweep(experiment, base, tmp_path / "sweep", parallel=2, workers=0)
+    assert history.stat().st_mtime_ns == before  # complete trials are not rerun
+    assert [r.history for r in again] == [r.history for r in records]
+    assert json.loads(history.read_text())[-1]["epoch"] == 2
