@@ -66,9 +66,10 @@ class MethodConfig:
     eps_max: float = 0.4
     beta: float = 0.95
     w_init: float = 0.01
-    tau: float = 0.07
+    tau: float = 1.0
     proto_form: str = "eq7"
     circle_margin: float = 0.25
+    infonce_temperature: float = 0.07
     queue_size: int = 4096
     focal_gamma: float = 2.0
     ldam_max_margin: float = 0.5

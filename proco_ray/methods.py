@@ -242,8 +242,8 @@ class ProCo(Method):
             raise ValueError(f"method.gamma must be a non-negative integer, got {cfg.gamma!r}")
         if not 0.0 <= cfg.eps_max < 1.0:
             raise ValueError(f"method.eps_max (E) must lie in [0, 1), got {cfg.eps_max}")
-        if cfg.tau <= 0:
-            raise ValueError(f"method.tau must be > 0, got {cfg.tau}")
+        if cfg.tau <= 0 or cfg.infonce_temperature <= 0:
+            raise ValueError(f"method.tau and method.infonce_temperature must be > 0, got {cfg.tau}, {cfg.infonce_temperature}")
         if cfg.proto_form not in PROTO_FORMS:
             raise ValueError(f"method.proto_form must be one of {PROTO_FORMS}, got '{cfg.proto_form}'")
         if cfg.queue_size < 0:
@@ -302,7 +302,7 @@ class ProCo(Method):
         q = out["q"]
         same = labels[:, None] == bank_labels[None, :]
         if self.cfg.loss == "infonce":
-            nce = supervised_infonce(q @ bank.T / self.cfg.tau, same).mean()
+            nce = supervised_infonce(q @ bank.T / self.cfg.infonce_temperature, same).mean()
             ce = F.cross_entropy(out["logits"], labels)
             logs = {"infonce": nce.detach(), "ce": ce.detach()}
             loss = nce + ce
