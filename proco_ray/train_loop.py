@@ -168,6 +168,14 @@ def evaluate(
 
 SELECTION_METRIC = "val/macro_f1"
 BEST_EPOCH, BEST_SCORE = "best/epoch", "best/val_macro_f1"
+# What checkpoints are ranked by: val macro-F1 with ties going to the earlier epoch, as `is_better` selects,
+# so the checkpoint kept as best is always the selected epoch's.
+CHECKPOINT_SCORE = "val/selection_score"
+TIE_BREAK = 1e-9
+
+
+def selection_score(val_macro_f1: float, epoch: int) -> float:
+    return val_macro_f1 - TIE_BREAK * epoch
 COLLAPSE_FRACTION = 0.2
 COLLAPSE_DOC = "docs/method.md#collapse-guard"
 
@@ -319,6 +327,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                         )
                         best.update(flat_metrics("test", test))
                 metrics.update(best)
+                metrics[CHECKPOINT_SCORE] = selection_score(metrics[SELECTION_METRIC], epoch + 1)
                 collapse = collapse_warning(metrics, config.model.feat_dim)
                 metrics["train/collapsed"] = float(collapse is not None)
                 log.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
@@ -364,7 +373,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
 class LocalCheckpoints:
     """A `Report` for a plain process: keeps the best `keep` checkpoints by validation macro-F1 in a folder."""
 
-    def __init__(self, directory: str | Path, keep: int = 2, metric: str = "val/macro_f1") -> None:
+    def __init__(self, directory: str | Path, keep: int = 2, metric: str = CHECKPOINT_SCORE) -> None:
         self.directory = Path(directory)
         self.keep = keep
         self.metric = metric

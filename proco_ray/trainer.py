@@ -27,10 +27,10 @@ from proco_ray.feeds import Batch, DataFeed, TrainInput
 from proco_ray.methods import METHODS, train_input
 from proco_ray.pipeline import Manifest, build_dataset, read_manifest
 from proco_ray.storage import is_s3, join, resolve, write_bytes
-from proco_ray.train_loop import BEST_EPOCH, SELECTION_METRIC, WorkerEnv, train_worker
+from proco_ray.train_loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 
 TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
-CHECKPOINT_METRIC = SELECTION_METRIC
+CHECKPOINT_METRIC = CHECKPOINT_SCORE
 
 
 def check_manifest(config: Config, manifest: Manifest) -> None:

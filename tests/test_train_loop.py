@@ -98,3 +98,21 @@ def test_a_collapsed_run_says_so_in_its_progress_line_and_metrics(tmp_path, caps
     metrics = train_worker(config, small_feed(), WorkerEnv(report=LocalCheckpoints(tmp_path / "c"), log_dir=tmp_path / "tb"))
     assert metrics["train/collapsed"] == 1.0
     assert "COLLAPSED: embedding_std" in capsys.readouterr().out
+
+
+def test_the_checkpoint_kept_as_best_is_the_selected_epoch_also_on_ties(tmp_path):
+    """Ties in val macro-F1 go to the earlier epoch, for the loop's selection and for the kept checkpoints alike."""
+    from proco_ray.train_loop import CHECKPOINT_SCORE, is_better, selection_score
+
+    kept = LocalCheckpoints(tmp_path / "kept", keep=1)
+    best: dict = {}
+    for epoch, val in enumerate([0.5, 0.9, 0.9, 0.7], 1):
+        metrics = {"epoch": epoch, "val/macro_f1": val, CHECKPOINT_SCORE: selection_score(val, epoch)}
+        if is_better(metrics, best):
+            best = {"best/epoch": epoch, "best/val_macro_f1": val}
+        source = tmp_path / f"src{epoch}"
+        source.mkdir()
+        (source / "marker").write_text(str(epoch))
+        kept(metrics, source)
+    assert best["best/epoch"] == 2
+    assert (kept.best / "marker").read_text() == "2"
