@@ -173,8 +173,8 @@ def local_feed(
 
     For a single machine (one GPU, or the CPU) where a Ray cluster buys nothing; each rank reads
     the whole split and keeps its slice of every global batch, as `tensor_feed` does. The row
-    orders are seeded by (train.seed, epoch); the augmentations are not (DataLoader workers seed
-    themselves), so, as with Ray Data, runs are not bit-reproducible.
+    orders are seeded by (train.seed, epoch), the augmentations by the DataLoader workers' seeds,
+    which torch draws from the training process's generator (reseeded every epoch by the loop).
     """
     from functools import partial
 
