@@ -42,7 +42,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, find_named_file, merge
+from proco_ray.config import (
+    DATA_CPUS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    find_named_file,
+    load_config,
+    merge,
+    parse_overrides,
+)
 
 CONFIG_TUNE_DIR = Path(__file__).resolve().parent.parent / "configs" / "tune"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -306,6 +315,14 @@ def base_tree(base: Mapping[str, Any], experiment: Experiment, cli_overrides: Ma
     return merge(tree, cli_overrides or {})
 
 
+def experiment_base(experiment: Experiment, config_file: str | None, overrides: Sequence[str]) -> tuple[Config, dict[str, Any]]:
+    """The base of an experiment's trials: the config (file, else the experiment's `base`, then the
+    command line's `section.key=value` overrides) validated, and as the tree trials are built from."""
+    config_file = config_file or experiment.base
+    base_config = load_config(config_file, overrides)
+    return base_config, base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
+
+
 def trial_overrides(experiment_variants: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's dotted overrides: its variant's, then its sampled parameters (which win)."""
     out: dict[str, Any] = {}
@@ -542,6 +559,7 @@ def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Seq
 
 def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str, Any]]:
     """Markdown rows ('mean ± std' cells) or CSV rows (separate mean/std columns)."""
+    shown_side = [name for name in SIDE_METRICS if any(name in g.side for g in groups)]
     rows = []
     for g in groups:
         row: dict[str, Any] = {"variant": g.group, "seeds": g.n, "metrics from": "+".join(g.sources) or "–"}
@@ -551,10 +569,8 @@ def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str,
                 row[key.replace("_", " ")] = format_mean_std(mean, std, g.n)
             else:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-        for name in SIDE_METRICS:
+        for name in shown_side:
             mean, std = g.side.get(name, (math.nan, math.nan))
-            if not any(name in other.side for other in groups):
-                continue
             if markdown:
                 row[name.replace("_", " ")] = format_mean_std(mean, std, g.n, digits=3 if "f1" in name else 4)
             else:

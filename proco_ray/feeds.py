@@ -180,23 +180,20 @@ def local_feed(
 
     import pyarrow as pa
 
-    from proco_ray.pipeline import load_split, read_manifest
+    from proco_ray.pipeline import check_manifest, load_split, read_manifest
     from proco_ray.transforms import eval_batch, train_batch
 
     data = config.data
     if data.batch_size % world_size:
         raise ValueError(f"data.batch_size ({data.batch_size}) must be divisible by the number of workers ({world_size})")
     manifest = read_manifest(uri)
-    if data.num_classes is not None and data.num_classes != manifest.num_classes:
-        raise ValueError(f"data.num_classes is {data.num_classes} but {uri} has {manifest.num_classes} classes")
+    check_manifest(config, manifest)
     splits = [data.train_split, data.val_split] + [s for s in [data.test_split] if s in manifest.splits]
     columns = {}
     for split in dict.fromkeys(splits):
         table = pa.concat_tables(load_split(uri, manifest.shards_of(split)))
         columns[split] = (table.column("image").to_numpy(zero_copy_only=False), table.column("label").to_numpy().astype(np.int64))
     images, labels = columns[data.train_split]
-    if len(labels) < data.batch_size:
-        raise ValueError(f"the training split has {len(labels)} images, fewer than one batch of {data.batch_size}")
     local = data.batch_size // world_size
     steps = len(labels) // data.batch_size
 

@@ -24,12 +24,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from proco_ray.config import Config, ConfigError, load_config, parse_overrides, save_config
+from proco_ray.config import Config, ConfigError, save_config
 from proco_ray.experiments import (
     SEED_KEY,
     Experiment,
     TrialRecord,
-    base_tree,
+    experiment_base,
     group_label,
     load_experiment,
     trial_config,
@@ -53,7 +53,7 @@ def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
 
 def trial_name(params: dict[str, Any]) -> str:
     label = group_label(params).replace(", ", "_").replace("=", "-").replace("/", "-")
-    return f"{label}_seed{params.get('train.seed', 0)}"
+    return f"{label}_seed{params.get(SEED_KEY, 0)}"
 
 
 def _history_path(out: Path, name: str) -> Path:
@@ -107,7 +107,7 @@ def local_sweep(
     epochs = configs[0].optim.epochs if configs else 0
     trials = grid_trials(experiment)
     out.mkdir(parents=True, exist_ok=True)
-    todo: list[tuple[str, dict[str, Any], Config]] = []
+    todo: list[tuple[str, Config]] = []
     for params in [] if report_only else trials:
         name = trial_name(params)
         config = trial_config(base, experiment.variants, params, name=name, storage_path=str(out))
@@ -117,13 +117,13 @@ def local_sweep(
         (out / name).mkdir(exist_ok=True)
         (out / name / "error.txt").unlink(missing_ok=True)
         save_config(config, out / name / "config.yaml")
-        todo.append((name, params, config))
+        todo.append((name, config))
     if not report_only:
         print(f"{len(trials)} trials, {len(trials) - len(todo)} already complete, {len(todo)} to run, {parallel} at a time", flush=True)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=context) as pool:
-        futures = {pool.submit(run_trial, config.to_dict(), str(out / name), device, threads, workers): name for name, _, config in todo}
+        futures = {pool.submit(run_trial, config.to_dict(), str(out / name), device, threads, workers): name for name, config in todo}
         for done, future in enumerate(as_completed(futures), 1):
             name = futures[future]
             outcome = future.result()
@@ -168,10 +168,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})")
         experiment = dataclasses.replace(experiment, variants={v: experiment.variants[v] for v in chosen})
-    overrides = list(args.overrides) + [f"data.uri={args.data}"]
-    config_file = args.config or experiment.base
-    load_config(config_file, overrides)  # validates the file and the overrides
-    base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
+    _, base = experiment_base(experiment, args.config, list(args.overrides) + [f"data.uri={args.data}"])
     records = local_sweep(
         experiment, base, Path(args.out).resolve(), args.parallel, args.device, args.threads, args.workers, args.report_only
     )

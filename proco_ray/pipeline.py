@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from proco_ray.config import Config, ConfigError
 from proco_ray.errors import DataError
 from proco_ray.prepare import FORMAT, MANIFEST
 from proco_ray.sources import listing
@@ -111,6 +112,29 @@ def read_manifest(uri: str) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise DataError(f"{MANIFEST} at {uri} is not a proco-ray manifest (format {raw.get('format')!r})")
     return Manifest.from_dict(uri, raw)
+
+
+def check_manifest(config: Config, manifest: Manifest) -> None:
+    """The data must hold every split the run reads, with the classes the config expects (Ray path and local feed)."""
+    expected = config.data.num_classes
+    if expected is not None and expected != manifest.num_classes:
+        raise ConfigError(
+            f"data.num_classes is {expected} but the dataset at {manifest.uri} has {manifest.num_classes} classes "
+            f"({manifest.classes})"
+        )
+    for split in (config.data.train_split, config.data.val_split):
+        if split not in manifest.splits:
+            raise ConfigError(f"the dataset at {manifest.uri} has no '{split}' split (it has {manifest.splits})")
+    global_batch = config.data.batch_size
+    if global_batch % config.train.num_workers:
+        raise ConfigError(
+            f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})"
+        )
+    if manifest.num_rows(config.data.train_split) < global_batch:
+        raise ConfigError(
+            f"the '{config.data.train_split}' split has {manifest.num_rows(config.data.train_split)} images, "
+            f"fewer than one batch of data.batch_size={global_batch}"
+        )
 
 
 def _load_shard(fs: pafs.FileSystem, root: str, shard: Shard) -> tuple[str | None, pa.Table | None]:

@@ -105,9 +105,9 @@ def encode_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, s
 # --------------------------------------------------------------------------- output location
 
 
-def check_disjoint(output_uri: str, *inputs: str | None) -> None:
-    """Refuse an output that is, contains or lies inside an input: clearing it would delete the input."""
-    _, out = resolve(output_uri)
+def check_disjoint(output_uri: str, out: str, *inputs: str | None) -> None:
+    """Refuse an output (`out`: its resolved path) that is, contains or lies inside an input: clearing it
+    would delete the input."""
     for uri in filter(None, inputs):
         if is_s3(uri) != is_s3(output_uri):
             continue
@@ -260,8 +260,8 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
     if options.image_size < 8:
         raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
     started = time.time()
-    check_disjoint(output_uri, source_uri, groups)
     out_fs, out_path = resolve(output_uri)
+    check_disjoint(output_uri, out_path, source_uri, groups)
     occupied = check_output(out_fs, out_path, output_uri, options.overwrite)
     source = read_source(source_uri, kind, groups=groups, classes=classes)
     records = source.records

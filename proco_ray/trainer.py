@@ -25,35 +25,12 @@ from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.feeds import Batch, DataFeed, TrainInput
 from proco_ray.methods import METHODS, train_input
-from proco_ray.pipeline import Manifest, build_dataset, read_manifest
+from proco_ray.pipeline import Manifest, build_dataset, check_manifest, read_manifest
 from proco_ray.storage import is_s3, join, resolve, write_bytes
 from proco_ray.train_loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 
 TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
 CHECKPOINT_METRIC = CHECKPOINT_SCORE
-
-
-def check_manifest(config: Config, manifest: Manifest) -> None:
-    """The data must hold every split the run reads, with the classes the config expects."""
-    expected = config.data.num_classes
-    if expected is not None and expected != manifest.num_classes:
-        raise ConfigError(
-            f"data.num_classes is {expected} but the dataset at {manifest.uri} has {manifest.num_classes} classes "
-            f"({manifest.classes})"
-        )
-    for split in (config.data.train_split, config.data.val_split):
-        if split not in manifest.splits:
-            raise ConfigError(f"the dataset at {manifest.uri} has no '{split}' split (it has {manifest.splits})")
-    global_batch = config.data.batch_size
-    if global_batch % config.train.num_workers:
-        raise ConfigError(
-            f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})"
-        )
-    if manifest.num_rows(config.data.train_split) < global_batch:
-        raise ConfigError(
-            f"the '{config.data.train_split}' split has {manifest.num_rows(config.data.train_split)} images, "
-            f"fewer than one batch of data.batch_size={global_batch}"
-        )
 
 
 def check_resources(config: Config, streams_data: bool = True) -> None:
@@ -127,15 +104,15 @@ class TensorBoardSync:
     def __init__(self, run_uri: str, filesystem: Any = None) -> None:
         self.remote = join(run_uri, "tensorboard")
         self.local = Path(tempfile.mkdtemp(prefix="proco-tb-")) if is_s3(run_uri) else Path(self.remote)
-        self.filesystem = filesystem
+        default_fs, self.path = resolve(self.remote)
+        self.filesystem = filesystem or default_fs
 
     def push(self) -> None:
         if self.local == Path(self.remote):
             return
         import pyarrow.fs as pafs
 
-        fs, path = resolve(self.remote)
-        pafs.copy_files(str(self.local), path, destination_filesystem=self.filesystem or fs)
+        pafs.copy_files(str(self.local), self.path, destination_filesystem=self.filesystem)
 
     def close(self) -> None:
         """Last push, then remove the local copy of s3:// runs (nothing is left in the temp directory)."""

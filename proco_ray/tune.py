@@ -38,23 +38,24 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from proco_ray.cluster import connect_or_start_ray
-from proco_ray.config import Config, ConfigError, load_config, parse_overrides
+from proco_ray.config import Config, ConfigError
 from proco_ray.experiments import (
     DRIVER_CPUS,
     Asha,
     Domain,
     Experiment,
     TrialRecord,
-    base_tree,
+    experiment_base,
     load_experiment,
     max_concurrent_trials,
     trial_config,
     trial_resources,
     validate,
 )
+from proco_ray.pipeline import check_manifest
 from proco_ray.results import write_results
 from proco_ray.storage import is_s3, join, read_bytes, write_bytes
-from proco_ray.trainer import FeedFactory, build_trainer, check_manifest, save_resolved_config
+from proco_ray.trainer import FeedFactory, build_trainer, save_resolved_config
 
 STOP_TIMEOUT_S = 540.0  # below Tune's TUNE_FORCE_TRIAL_CLEANUP_S (600 s), after which it kills the trial
 HPARAM_METRICS = tuple(f"{split}/{name}" for split in ("val", "test") for name in ("accuracy", "macro_f1", "balanced_accuracy"))
@@ -420,9 +421,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples is not None:
         experiment = dataclasses.replace(experiment, num_samples=args.num_samples)
     overrides = list(args.overrides) + ([f"data.uri={args.data}"] if args.data else [])
-    config_file = args.config or experiment.base
-    base_config = load_config(config_file, overrides)  # validates the file and the overrides
-    base = base_tree(load_config(config_file).to_dict(), experiment, parse_overrides(overrides))
+    base_config, base = experiment_base(experiment, args.config, overrides)
     name = args.name or f"{base_config.train.name}-{experiment.name}"
     storage = args.storage or base_config.train.storage_path
     connect_or_start_ray(min_cpus=trial_resources(base_config, streams_data=not args.generated)["CPU"])
