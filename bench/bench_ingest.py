@@ -55,8 +55,7 @@ def dataloader_epochs(root: Path, size: int, cpus: int):
     from proco_ray.transforms import TwoViews, moco_v2_augmentation
 
     dataset = ImageFolder(str(root), transform=TwoViews(moco_v2_augmentation(size)))
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=cpus, drop_last=True,
-                        persistent_workers=True)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=cpus, drop_last=True, persistent_workers=True)
     return lambda: rate(len(label) for _views, label in loader)
 
 
@@ -127,8 +126,10 @@ def main() -> int:
             finally:
                 ray.shutdown()
             rows.append((size, images, prepare_s, build_s, ray_rates, loader_rates))
-            print(f"size {size}: ray {[round(r) for r in ray_rates]}  dataloader {[round(r) for r in loader_rates]}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"size {size}: ray {[round(r) for r in ray_rates]}  dataloader {[round(r) for r in loader_rates]}",
+                file=sys.stderr,
+            )
 
     table = render(rows, args)
     print(table)
@@ -156,15 +157,19 @@ def render(rows, args) -> str:
         )
     lines.append("")
     for size, _images, prepare_s, build_s, ray_rates, loader_rates in rows:
-        lines.append(f"- {size} px: `prepare` into S3 took {prepare_s:.1f} s (all 5,984 images); "
-                     f"`build_dataset` (read + verify the train shards) {build_s:.2f} s; img/s per epoch: "
-                     f"Ray Data {[round(r) for r in ray_rates]}, DataLoader {[round(r) for r in loader_rates]}.")  # fmt: skip
+        lines.append(
+            f"- {size} px: `prepare` into S3 took {prepare_s:.1f} s (all 5,984 images); "
+            f"`build_dataset` (read + verify the train shards) {build_s:.2f} s; img/s per epoch: "
+            f"Ray Data {[round(r) for r in ray_rates]}, DataLoader {[round(r) for r in loader_rates]}."
+        )
     return "\n".join(lines)
 
 
 def document(table: str, args) -> str:
-    command = f".venv/bin/python bench/bench_ingest.py --sizes {' '.join(map(str, args.sizes))} --epochs {args.epochs} " \
-              f"--cpus {args.cpus} --write-doc"  # fmt: skip
+    command = (
+        f".venv/bin/python bench/bench_ingest.py --sizes {' '.join(map(str, args.sizes))} --epochs {args.epochs} "
+        f"--cpus {args.cpus} --write-doc"
+    )
     load = os.getloadavg()
     return f"""# Ingest benchmark: Ray Data from S3 Parquet vs. torchvision ImageFolder + DataLoader
 

@@ -146,7 +146,14 @@ def proco_parts_table(args: argparse.Namespace, device: torch.device) -> list[di
             ).mean()
 
         seconds = time_steps(parts, device, args.warmup, args.steps)
-        rows.append({"batch B": batch, "contrast set M": bank_size, "ms per step": seconds * 1e3, "ns per B x M": seconds * 1e9 / (batch * bank_size)})
+        rows.append(
+            {
+                "batch B": batch,
+                "contrast set M": bank_size,
+                "ms per step": seconds * 1e3,
+                "ns per B x M": seconds * 1e9 / (batch * bank_size),
+            }
+        )
     return rows
 
 
@@ -177,7 +184,12 @@ def sync_table(args: argparse.Namespace) -> list[dict]:
     for world in (1, 2):
         mp.spawn(_sync_worker, args=(world, free_port(), args, results), nprocs=world, join=True)
     return [
-        {"workers": w, "global batch": args.batch_sizes[-1], "queue M": args.queue_sizes[-1], "sync ms per step": results[w] * 1e3}
+        {
+            "workers": w,
+            "global batch": args.batch_sizes[-1],
+            "queue M": args.queue_sizes[-1],
+            "sync ms per step": results[w] * 1e3,
+        }
         for w in (1, 2)
     ]
 
@@ -197,8 +209,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
-          f"{'' if device.type == 'cuda' else 'CPU threads'}), {args.arch}, {args.image_size} px\n")  # fmt: skip
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
+        f"{'' if device.type == 'cuda' else 'CPU threads'}), {args.arch}, {args.image_size} px\n"
+    )
     print("## Training step throughput\n")
     print(markdown_table(step_table(args, device)))
     print("## ProCo's extra parts alone (proto-instances, recalibration, proto-loss)\n")

@@ -1,7 +1,7 @@
 """Train ProCo on a prepared APTOS dataset on the Ray cluster this job runs in (or a local one).
 
-    ray submit cluster.yaml jobs/train_aptos.py --data s3://BUCKET/prefix [section.key=value ...]
-    ray job submit --working-dir . -- python jobs/train_aptos.py --data s3://BUCKET/prefix
+ray submit cluster.yaml jobs/train_aptos.py --data s3://BUCKET/prefix [section.key=value ...]
+ray job submit --working-dir . -- python jobs/train_aptos.py --data s3://BUCKET/prefix
 """
 
 import sys

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from proco_ray.errors import ProcoError
 
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("proco_ray.prepare", "ingest a dataset into Parquet shards in object storage"),
     "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
     "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
+    "predict": ("proco_ray.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
     "tune": ("proco_ray.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
     "local-sweep": ("proco_ray.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
 }

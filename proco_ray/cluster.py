@@ -49,11 +49,24 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
     return recorded
 
 
+LOCAL_EXTRA_CPUS = 1  # one logical CPU beyond the cores, for Ray Data beside workers that use every core
+
+
+def local_cpus(min_cpus: float = 0, cores: int | None = None) -> int:
+    """Logical CPUs of a local Ray: the machine's cores, or one more where a run needs it for Ray Data.
+
+    Never sized to the request beyond that: a run that needs more is then refused by the resource
+    check with what the machine has, instead of hanging while it starts more workers than fit.
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(cores, min(math.ceil(min_cpus), cores + LOCAL_EXTRA_CPUS))
+
+
 def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> bool:
     """Join the cluster this process belongs to (`ray submit`, `ray job submit`, RAY_ADDRESS) or start a local one.
 
-    A local Ray gets this machine's CPUs, or `min_cpus` logical CPUs where that is more (so that one run,
-    its Ray Data CPU included, fits on a small machine). `join_existing=False` always starts a fresh
+    A local Ray gets `local_cpus(min_cpus)` logical CPUs (this machine's cores, one more where a run
+    needs it for its Ray Data CPU). `join_existing=False` always starts a fresh
     local Ray (the one-machine demo). Returns True when a local Ray was started here.
     """
     if ray.is_initialized():
@@ -62,5 +75,5 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False)
+    ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=False)
     return True

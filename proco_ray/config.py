@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -34,7 +35,6 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     augmentation: str = "auto"
-    resample: bool = False
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -106,7 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     wait_for_autoscaler: bool = False
-    log_every_steps: int = 10
+    log_every_steps: int = 50  # an in-epoch progress line every N steps (0: only per epoch)
     max_steps_per_epoch: int | None = None
 
 
@@ -161,6 +161,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+# Keys that configs and checkpoints of earlier versions hold: (the value they never changed anything at, why).
+RETIRED_KEYS: dict[str, tuple[Any, str]] = {
+    "data.resample": (False, "class-balanced sampling is chosen by the method: ce_resample, cl_resample, proco_resample"),
+}
+
+
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
@@ -169,6 +175,11 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
+        if path in RETIRED_KEYS:
+            inert, reason = RETIRED_KEYS[path]
+            if value == inert:
+                continue
+            raise ConfigError(f"config key '{path}' was removed: {reason}")
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'{_closest(key, fields)}")
         annotation = hints[key]
@@ -177,7 +188,6 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
         else:
             kwargs[key] = _coerce(value, annotation, path)
     return cls(**kwargs)
-
 
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:

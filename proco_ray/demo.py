@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"[2/4] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)
         config.data.uri = data_uri
         config.data.num_classes = len(manifest["classes"])
-        print(f"[3/4] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs", flush=True)
+        print(
+            f"[3/4] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs",
+            flush=True,
+        )
         summary = summarise(fit(config), config)
         print(f"[4/4] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)

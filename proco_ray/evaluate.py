@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -69,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = per_class_rows(metrics)
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", f"{args.split} split")
+    plot_confusion_matrix(
+        metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", f"{args.split} split"
+    )
     write_csv(rows, out / "per_class.csv")
     (out / "per_class.md").write_text(markdown_table(rows))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -36,9 +36,10 @@ import itertools
 import math
 import re
 import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -333,8 +334,9 @@ def trial_overrides(experiment_variants: Mapping[str, Mapping[str, Any]], params
     return out
 
 
-def trial_config(base: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any],
-                 **train: Any) -> Config:  # fmt: skip
+def trial_config(
+    base: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any], **train: Any
+) -> Config:
     """The Config of one trial: base tree + variant + parameters, then train.* settings (storage, name)."""
     tree = merge(dict(base), nest(trial_overrides(variants, params)))
     tree = merge(tree, {"train": train}) if train else tree
@@ -601,7 +603,9 @@ def curves(records: Sequence[TrialRecord], metric: str) -> dict[str, list[tuple[
     """Per trial, (epoch, metric) points in epoch order, for the per-epoch plot."""
     out = {}
     for r in records:
-        points = sorted({int(row["epoch"]): float(row[metric]) for row in r.history if "epoch" in row and _finite(row.get(metric))}.items())
+        points = sorted(
+            {int(row["epoch"]): float(row[metric]) for row in r.history if "epoch" in row and _finite(row.get(metric))}.items()
+        )
         out[f"{r.group} [{r.trial_id}]"] = points
     return out
 

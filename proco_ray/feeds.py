@@ -7,8 +7,8 @@ plain process (`tensor_feed`: tests, demos, GPU benchmarks without Ray).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ class GeneratedFeed:
     seed: int = 0
     augment: bool = True
 
-    def __call__(self, config: "Config", rank: int, world_size: int) -> DataFeed:  # noqa: F821
+    def __call__(self, config: Config, rank: int, world_size: int) -> DataFeed:  # noqa: F821
         from proco_ray.synthetic import generate_images
 
         train = generate_images(self.train_counts, self.image_size, self.seed)
@@ -162,7 +162,7 @@ class _EncodedBatches(torch.utils.data.Dataset):
 
 def local_feed(
     uri: str,
-    config: "Config",  # noqa: F821
+    config: Config,  # noqa: F821
     rank: int = 0,
     world_size: int = 1,
     workers: int = 2,
@@ -191,7 +191,7 @@ def local_feed(
     splits = [data.train_split, data.val_split] + [s for s in [data.test_split] if s in manifest.splits]
     columns = {}
     for split in dict.fromkeys(splits):
-        table = pa.concat_tables(load_split(uri, manifest.shards_of(split)))
+        table = pa.concat_tables(load_split(uri, manifest.shards_of(split), manifest.num_classes))
         columns[split] = (table.column("image").to_numpy(zero_copy_only=False), table.column("label").to_numpy().astype(np.int64))
     images, labels = columns[data.train_split]
     local = data.batch_size // world_size
@@ -203,7 +203,10 @@ def local_feed(
     def train_batches(source: TrainInput, epoch: int) -> Iterable[Batch]:
         rng = np.random.default_rng([config.train.seed, epoch])
         order = class_balanced_indices(labels, len(labels), rng) if source.resample else rng.permutation(len(labels))
-        rows = [order[step * data.batch_size : (step + 1) * data.batch_size][rank * local : (rank + 1) * local] for step in range(steps)]
+        rows = [
+            order[step * data.batch_size : (step + 1) * data.batch_size][rank * local : (rank + 1) * local]
+            for step in range(steps)
+        ]
         transform = partial(train_batch, size=data.image_size, augmentation=source.augmentation, views=source.views)
         return loader(_EncodedBatches(images, labels, rows, transform))
 

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from proco_ray.config import Config, ConfigError, save_config
+from proco_ray.config import Config, ConfigError, load_config, save_config
 from proco_ray.experiments import (
     SEED_KEY,
     Experiment,
@@ -112,6 +112,12 @@ def local_sweep(
         name = trial_name(params)
         config = trial_config(base, experiment.variants, params, name=name, storage_path=str(out))
         history_file = _history_path(out, name)
+        saved = out / name / "config.yaml"
+        if saved.is_file() and load_config(saved).to_dict() != config.to_dict():
+            raise ConfigError(
+                f"{out / name} was run with another config than experiment '{experiment.name}' now gives this "
+                f"trial (its variant or the overrides changed): use another --out, or delete that folder to rerun it"
+            )
         if history_file.is_file() and len(json.loads(history_file.read_text())) >= config.optim.epochs:
             continue
         (out / name).mkdir(exist_ok=True)
@@ -119,11 +125,16 @@ def local_sweep(
         save_config(config, out / name / "config.yaml")
         todo.append((name, config))
     if not report_only:
-        print(f"{len(trials)} trials, {len(trials) - len(todo)} already complete, {len(todo)} to run, {parallel} at a time", flush=True)
+        print(
+            f"{len(trials)} trials, {len(trials) - len(todo)} already complete, {len(todo)} to run, {parallel} at a time",
+            flush=True,
+        )
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=context) as pool:
-        futures = {pool.submit(run_trial, config.to_dict(), str(out / name), device, threads, workers): name for name, config in todo}
+        futures = {
+            pool.submit(run_trial, config.to_dict(), str(out / name), device, threads, workers): name for name, config in todo
+        }
         for done, future in enumerate(as_completed(futures), 1):
             name = futures[future]
             outcome = future.result()
@@ -147,13 +158,17 @@ def local_sweep(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)")
+    parser.add_argument(
+        "--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)"
+    )
     parser.add_argument("--data", required=True, help="prepared dataset URI (sets data.uri)")
     parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes)")
     parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
     parser.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader processes per trial that decode and augment (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="DataLoader processes per trial that decode and augment (default 1)"
+    )
     parser.add_argument("--only", help="comma-separated variants of the experiment to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="write results/ from the trials in --out, train nothing")
     parser.add_argument("--device", default="cpu", help="torch device of every trial, e.g. cuda (default cpu)")
@@ -166,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         chosen = args.only.split(",")
         unknown = [v for v in chosen if v not in experiment.variants]
         if unknown:
-            raise ConfigError(f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})")
+            raise ConfigError(
+                f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})"
+            )
         experiment = dataclasses.replace(experiment, variants={v: experiment.variants[v] for v in chosen})
     _, base = experiment_base(experiment, args.config, list(args.overrides) + [f"data.uri={args.data}"])
     records = local_sweep(
@@ -177,4 +194,3 @@ def run(args: argparse.Namespace) -> int:
     for record in failed:
         print(f"failed: {record.trial_id}: {record.error}")
     return 1 if failed else 0
-

@@ -9,8 +9,8 @@ calls `training_loss` and knows nothing of the maths.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from proco_ray.transforms import AUGMENTATIONS
 Batch = dict[str, Tensor]
 PROCO_LOSSES = ("proto", "ce", "infonce")
 
+
 @dataclass(frozen=True)
 class Stage:
     """A phase of training with its own epochs, sampling, views and trainable parameters."""
@@ -59,14 +60,17 @@ def train_input(stage: Stage, augmentation: str = "auto") -> TrainInput:
         raise ValueError(f"data.augmentation must be 'auto' or one of {sorted(AUGMENTATIONS)}, got '{augmentation}'")
     return TrainInput(stage.resample, augmentation, 2 if stage.two_views else 1)
 
+
 @dataclass
 class LossOutput:
     loss: Tensor
     logs: dict[str, Tensor]
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(model, "module", model)
+
 
 class Method(nn.Module):
     """Base class: single-stage, instance-balanced, all parameters trainable, logits from `classify`."""
@@ -114,8 +118,10 @@ class Method(nn.Module):
     def predict(self, model: nn.Module, images: Tensor) -> Tensor:
         return unwrap(model).classify(images)
 
+
 def _labelled_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     return model(batch["view_q"]), batch["label"]
+
 
 class CrossEntropy(Method):
     """CE with instance-balanced sampling."""
@@ -127,11 +133,13 @@ class CrossEntropy(Method):
         loss = F.cross_entropy(logits, labels)
         return LossOutput(loss, {"ce": loss.detach()})
 
+
 class CrossEntropyResample(CrossEntropy):
     """CE with class-balanced sampling (the sampling itself lives in the data pipeline)."""
 
     name = "ce_resample"
     resample = True
+
 
 class Focal(Method):
     name = "focal"
@@ -140,6 +148,7 @@ class Focal(Method):
         logits, labels = _labelled_logits(model, batch)
         loss = focal_loss(logits, labels, gamma=self.cfg.focal_gamma)
         return LossOutput(loss, {"focal": loss.detach()})
+
 
 class LDAMDRW(Method):
     """LDAM margins throughout; class-balanced re-weighting deferred to the last part of training."""
@@ -165,6 +174,7 @@ class LDAMDRW(Method):
         loss = self.ldam(logits, labels, weight=weight)
         return LossOutput(loss, {"ldam": loss.detach()})
 
+
 class OHEM(Method):
     name = "ohem"
 
@@ -177,6 +187,7 @@ class OHEM(Method):
         logits, labels = _labelled_logits(model, batch)
         loss = ohem_loss(logits, labels, self.cfg.ohem_keep_ratio)
         return LossOutput(loss, {"ohem": loss.detach()})
+
 
 class SupConLinear(Method):
     """CL (Marrakchi et al. 2021): SupCon pre-training, then a linear classifier on the frozen backbone."""
@@ -222,11 +233,13 @@ class SupConLinear(Method):
         loss = F.cross_entropy(model(batch["view_q"]), labels)
         return LossOutput(loss, {"ce": loss.detach()})
 
+
 class SupConLinearResample(SupConLinear):
     """CL+resample: class-balanced sampling in the linear stage."""
 
     name = "cl_resample"
     resample = True
+
 
 class ProCo(Method):
     """ProCo (MICCAI 2022): proto-loss over the queue, the batch's keys, proto-instances and recalibrated logits."""
@@ -355,10 +368,29 @@ class ProCo(Method):
         logs["proto_loss"] = loss.detach()
         return loss, logs
 
+
+class ProCoResample(ProCo):
+    """ProCo on class-balanced batches: the tail fills the queue, the proto-instances and the recalibration as often as the head."""
+
+    name = "proco_resample"
+    resample = True
+
+
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (ProCo, CrossEntropy, CrossEntropyResample, Focal, LDAMDRW, OHEM, SupConLinear, SupConLinearResample)
+    for cls in (
+        ProCo,
+        ProCoResample,
+        CrossEntropy,
+        CrossEntropyResample,
+        Focal,
+        LDAMDRW,
+        OHEM,
+        SupConLinear,
+        SupConLinearResample,
+    )
 }
+
 
 def build_method(cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> Method:
     """The method named by `cfg.name`, ready to build its network."""

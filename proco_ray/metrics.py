@@ -9,7 +9,8 @@ evaluation needs. Results match scikit-learn called with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -194,7 +194,9 @@ class Classifier(nn.Module):
         self.backbone, dim = build_backbone(arch, small_input, pretrained, norm)
         self.fc = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
         self.projector = (
-            nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim)) if projector else None
+            nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+            if projector
+            else None
         )
 
     def classify(self, images: Tensor) -> Tensor:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -92,10 +93,16 @@ class Manifest:
     def from_dict(cls, uri: str, raw: dict[str, Any]) -> Manifest:
         try:
             return cls(
-                uri=uri, classes=list(raw["classes"]), counts=raw["counts"], image_size=int(raw["image_size"]),
-                encoding=raw["encoding"], shards=[Shard(**s) for s in raw["shards"]], split=raw.get("split", {}),
-                source=raw.get("source", {}), skipped=raw.get("skipped", []),
-            )  # fmt: skip
+                uri=uri,
+                classes=list(raw["classes"]),
+                counts=raw["counts"],
+                image_size=int(raw["image_size"]),
+                encoding=raw["encoding"],
+                shards=[Shard(**s) for s in raw["shards"]],
+                split=raw.get("split", {}),
+                source=raw.get("source", {}),
+                skipped=raw.get("skipped", []),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{MANIFEST} at {uri} is incomplete or malformed ({error!r})") from error
 
@@ -127,9 +134,7 @@ def check_manifest(config: Config, manifest: Manifest) -> None:
             raise ConfigError(f"the dataset at {manifest.uri} has no '{split}' split (it has {manifest.splits})")
     global_batch = config.data.batch_size
     if global_batch % config.train.num_workers:
-        raise ConfigError(
-            f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})"
-        )
+        raise ConfigError(f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})")
     if manifest.num_rows(config.data.train_split) < global_batch:
         raise ConfigError(
             f"the '{config.data.train_split}' split has {manifest.num_rows(config.data.train_split)} images, "
@@ -150,22 +155,33 @@ def _load_shard(fs: pafs.FileSystem, root: str, shard: Shard) -> tuple[str | Non
     return digest, pq.read_table(pa.BufferReader(data), columns=["image", "label", "id"])
 
 
-def load_split(uri: str, shards: Sequence[Shard]) -> list[pa.Table]:
+def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.Table]:
     """Read every shard once (parallel threads), check its sha256 against the manifest, and parse it.
 
     Verifying the very bytes that are then used leaves no window between check and use, and a
-    mismatch is a DataError naming each missing or altered shard.
+    mismatch is a DataError naming each missing or altered shard. Labels are range-checked here, where
+    they enter training, so that the training step need not check them on the device.
     """
     fs, root = resolve(uri)
     with storage_errors(uri), ThreadPoolExecutor(max_workers=8) as pool:
         loaded = list(pool.map(lambda s: _load_shard(fs, root, s), shards))
     bad = [
         f"{s.path}: missing" if digest is None else f"{s.path}: sha256 {digest} but the manifest says {s.sha256}"
-        for s, (digest, table) in zip(shards, loaded) if table is None
-    ]  # fmt: skip
+        for s, (digest, table) in zip(shards, loaded)
+        if table is None
+    ]
     if bad:
         raise DataError(f"{uri}: {len(bad)} shard(s) do not match {MANIFEST} (re-run proco-ray prepare):\n{listing(bad)}")
-    return [table for _, table in loaded]
+    tables = [table for _, table in loaded]
+    for shard, table in zip(shards, tables):
+        labels = table.column("label").to_numpy()
+        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if outside.size:
+            raise DataError(
+                f"{uri}: {shard.path} row {int(outside[0])} has label {int(labels[outside[0]])}, "
+                f"outside the manifest's {num_classes} classes (re-run proco-ray prepare)"
+            )
+    return tables
 
 
 def num_blocks(rows: int, image_size: int) -> int:
@@ -224,7 +240,7 @@ def build_dataset(
     augmentation: str = "moco_v2",
     views: int = 2,
     with_ids: bool = False,
-) -> "ray.data.Dataset":  # noqa: F821
+) -> ray.data.Dataset:  # noqa: F821
     """A lazy Ray Dataset of one split.
 
     train=True: columns view_q (and view_k for views=2: an independent draw), float32 [3,H,W], augmented
@@ -243,7 +259,7 @@ def build_dataset(
 
     manifest = read_manifest(uri)
     rows = manifest.num_rows(split)
-    tables = load_split(uri, manifest.shards_of(split))
+    tables = load_split(uri, manifest.shards_of(split), manifest.num_classes)
     if sum(t.num_rows for t in tables) != rows:
         raise DataError(f"{uri}: the {split} shards hold {sum(t.num_rows for t in tables)} rows, the manifest says {rows}")
     refs = [ray.put(table) for table in tables]

@@ -9,15 +9,17 @@ readers refuse a prefix without one, so a failed run never looks complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -67,8 +69,9 @@ def encode_image(image: Any, size: int, encoding: str, quality: int) -> bytes:
     return out.getvalue()
 
 
-def encode_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, size: int, encoding: str,
-                 quality: int) -> pa.Table:  # fmt: skip
+def encode_batch(
+    batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, size: int, encoding: str, quality: int
+) -> pa.Table:
     """Read, decode, resize and encode a batch; an undecodable image gets an error text instead of failing the job.
 
     Read errors are not caught: storage trouble fails the task (and Ray retries it), it does not mark images corrupt.
@@ -92,14 +95,16 @@ def encode_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, s
         except Exception as error:  # any failure to decode in-memory bytes means a bad image
             images.append(b"")
             errors.append(f"{type(error).__name__}: {error}")
-    return pa.table({
-        "image": pa.array(images, pa.binary()),
-        "label": pa.array(batch["label"], pa.int64()),
-        "id": pa.array(batch["id"].tolist(), pa.string()),
-        "split": pa.array(batch["split"].tolist(), pa.string()),
-        "source": pa.array(batch["path"].tolist() if "path" in batch else batch["id"].tolist(), pa.string()),
-        "error": pa.array(errors, pa.string()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "image": pa.array(images, pa.binary()),
+            "label": pa.array(batch["label"], pa.int64()),
+            "id": pa.array(batch["id"].tolist(), pa.string()),
+            "split": pa.array(batch["split"].tolist(), pa.string()),
+            "source": pa.array(batch["path"].tolist() if "path" in batch else batch["id"].tolist(), pa.string()),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- output location
@@ -157,9 +162,12 @@ def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[
         data = stream.read()
     rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
     return {
-        "path": path[len(root) + 1:], "split": split, "rows": rows,
-        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-    }  # fmt: skip
+        "path": path[len(root) + 1 :],
+        "split": split,
+        "rows": rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
@@ -196,11 +204,18 @@ def _input_dataset(source: Source, splits: Sequence[str], seed: int):
 def encode_all(source: Source, splits: Sequence[str], options: PrepareOptions):
     """Every image read, resized and encoded by Ray Data workers, held in the object store until written."""
     _ensure_ray()
-    return _input_dataset(source, splits, options.seed).map_batches(
-        encode_batch, batch_size=64, batch_format="numpy",
-        fn_kwargs=dict(filesystem=source.filesystem, size=options.image_size, encoding=options.encoding,
-                       quality=options.quality),
-    ).materialize()  # fmt: skip
+    return (
+        _input_dataset(source, splits, options.seed)
+        .map_batches(
+            encode_batch,
+            batch_size=64,
+            batch_format="numpy",
+            fn_kwargs=dict(
+                filesystem=source.filesystem, size=options.image_size, encoding=options.encoding, quality=options.quality
+            ),
+        )
+        .materialize()
+    )
 
 
 def failures(processed) -> list[dict[str, str]]:
@@ -211,25 +226,50 @@ def failures(processed) -> list[dict[str, str]]:
     return [row for batch in bad.iter_batches(batch_format="pyarrow") for row in batch.to_pylist()]
 
 
+@contextlib.contextmanager
+def _no_ray_data_io_retries() -> Iterator[None]:
+    """Let the S3 filesystem's own bounded retries (storage.s3_filesystem) be the only ones.
+
+    Ray Data retries writes that fail with network errors 10 times with backoff up to 32 s on top of
+    them, so a vanished server made prepare wait about 5 minutes in silence.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = context.retried_io_errors
+    context.retried_io_errors = []
+    try:
+        yield
+    finally:
+        context.retried_io_errors = saved
+
+
 def write_split(processed, split: str, fs: pafs.FileSystem, root: str, shard_mb: float) -> list[dict[str, Any]]:
     """Write one split as Parquet shards of about shard_mb each, then list them with row counts and sha256."""
     import pyarrow.compute as pc
     from ray.data.expressions import col
 
-    part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(
-        ["image", "label", "id", "split"]
+    part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(["image", "label", "id", "split"])
+    nbytes = sum(
+        pc.sum(pc.binary_length(batch.column("image"))).as_py() or 0
+        for batch in part.select_columns(["image"]).iter_batches(batch_format="pyarrow")
     )
-    nbytes = sum(pc.sum(pc.binary_length(batch.column("image"))).as_py() or 0
-                 for batch in part.select_columns(["image"]).iter_batches(batch_format="pyarrow"))  # fmt: skip
     split_dir = join(root, split)
-    part.repartition(max(1, math.ceil(nbytes / (shard_mb * 2**20)))).write_parquet(split_dir, filesystem=fs)
+    with _no_ray_data_io_retries():
+        part.repartition(max(1, math.ceil(nbytes / (shard_mb * 2**20)))).write_parquet(split_dir, filesystem=fs)
     files = sorted(f.path for f in list_files(fs, split_dir) if f.path.endswith(".parquet"))
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(lambda path: _shard_entry(fs, root, path, split), files))
 
 
-def build_manifest(source: Source, options: PrepareOptions, counts: dict[str, dict[str, int]], grouped: bool,
-                   skipped: list[dict[str, str]], shards: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def build_manifest(
+    source: Source,
+    options: PrepareOptions,
+    counts: dict[str, dict[str, int]],
+    grouped: bool,
+    skipped: list[dict[str, str]],
+    shards: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "created_by": f"proco-ray {proco_ray.__version__}",
@@ -241,19 +281,28 @@ def build_manifest(source: Source, options: PrepareOptions, counts: dict[str, di
         "columns": {"image": "encoded image bytes", "label": "int64 class index", "id": "string", "split": "string"},
         "counts": counts,
         "split": {
-            "mode": options.split, "seed": options.seed, "test_fraction": options.test_fraction,
-            "val_fraction": options.val_fraction, "grouped_by": source.group_source if grouped else None,
+            "mode": options.split,
+            "seed": options.seed,
+            "test_fraction": options.test_fraction,
+            "val_fraction": options.val_fraction,
+            "grouped_by": source.group_source if grouped else None,
         },
-        "source": {"uri": source.uri, "format": source.kind, "fingerprint": source.fingerprint,
-                   "images": len(source.records)},
+        "source": {"uri": source.uri, "format": source.kind, "fingerprint": source.fingerprint, "images": len(source.records)},
         "options": asdict(options),
         "skipped": skipped,
         "shards": shards,
-    }  # fmt: skip
+    }
 
 
-def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareOptions(), *, kind: str = "auto",
-            groups: str | None = None, classes: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def prepare(
+    source_uri: str,
+    output_uri: str,
+    options: PrepareOptions = PrepareOptions(),
+    *,
+    kind: str = "auto",
+    groups: str | None = None,
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Validate, split, resize and encode a source, write shards and then the manifest; returns the manifest."""
     if options.encoding not in ENCODINGS:
         raise DataError(f"unknown encoding '{options.encoding}'; choose one of {list(ENCODINGS)}")
@@ -266,9 +315,16 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
     source = read_source(source_uri, kind, groups=groups, classes=classes)
     records = source.records
     group_ids = [r.group or f"image:{r.id}" for r in records] if any(r.group for r in records) else None
-    splits = make_split(options.split, [r.label for r in records], group_ids, [r.official_split for r in records],
-                        seed=options.seed, test_fraction=options.test_fraction, val_fraction=options.val_fraction,
-                        where=source_uri)  # fmt: skip
+    splits = make_split(
+        options.split,
+        [r.label for r in records],
+        group_ids,
+        [r.official_split for r in records],
+        seed=options.seed,
+        test_fraction=options.test_fraction,
+        val_fraction=options.val_fraction,
+        where=source_uri,
+    )
 
     processed = encode_all(source, splits, options)
     failed = failures(processed)
@@ -293,13 +349,17 @@ def prepare(source_uri: str, output_uri: str, options: PrepareOptions = PrepareO
         for split, per_class in counts.items():
             entries = write_split(processed, split, out_fs, out_path, options.shard_mb)
             if sum(e["rows"] for e in entries) != sum(per_class.values()):
-                raise DataError(f"{output_uri}: wrote {sum(e['rows'] for e in entries)} {split} rows, "
-                                f"expected {sum(per_class.values())}")  # fmt: skip
+                raise DataError(
+                    f"{output_uri}: wrote {sum(e['rows'] for e in entries)} {split} rows, expected {sum(per_class.values())}"
+                )
             shards += entries
         manifest = build_manifest(source, options, counts, group_ids is not None, failed, shards)
         write_manifest(output_uri, manifest)
-    print(f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
-          f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s", file=sys.stderr)  # fmt: skip
+    print(
+        f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
+        f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -310,33 +370,53 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> N
     parser.add_argument("source", help="dataset as downloaded: a folder, an .npz file, or s3://bucket/prefix")
     parser.add_argument("output", help="where shards and manifest.json go: a folder or s3://bucket/prefix")
     if kind is None:
-        parser.add_argument("--format", dest="kind", default="auto", choices=["auto", *KINDS],
-                            help="source layout (default: detected)")  # fmt: skip
+        parser.add_argument(
+            "--format", dest="kind", default="auto", choices=["auto", *KINDS], help="source layout (default: detected)"
+        )
     else:
         parser.set_defaults(kind=kind)
     defaults = PrepareOptions()
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)"
+    )
     parser.add_argument("--encoding", choices=list(ENCODINGS), default=defaults.encoding)
     parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (default: %(default)s)")
-    parser.add_argument("--split", choices=MODES, default=defaults.split,
-                        help="paper: stratified 7:3 train/test with val carved from train; official: the source's "
-                             "own splits; test: everything as an external test set (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--split",
+        choices=MODES,
+        default=defaults.split,
+        help="paper: stratified 7:3 train/test with val carved from train; official: the source's "
+        "own splits; test: everything as an external test set (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="share of train held out for validation")
-    parser.add_argument("--groups", help="CSV of image id -> lesion/patient id (e.g. HAM10000_metadata.csv) for group-aware splits")
+    parser.add_argument(
+        "--val-fraction", type=float, default=defaults.val_fraction, help="share of train held out for validation"
+    )
+    parser.add_argument(
+        "--groups", help="CSV of image id -> lesion/patient id (e.g. HAM10000_metadata.csv) for group-aware splits"
+    )
     parser.add_argument("--classes", help="comma-separated class names (ImageFolder, MedMNIST)")
     parser.add_argument("--skip-corrupt", action="store_true", help="leave out undecodable images, listing them in the manifest")
     parser.add_argument("--overwrite", action="store_true", help="replace what the output already holds")
-    parser.add_argument("--shard-mb", type=float, default=defaults.shard_mb, help="target shard size in MiB (default: %(default)s)")
+    parser.add_argument(
+        "--shard-mb", type=float, default=defaults.shard_mb, help="target shard size in MiB (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     options = PrepareOptions(
-        image_size=args.image_size, encoding=args.encoding, quality=args.quality, split=args.split, seed=args.seed,
-        test_fraction=args.test_fraction, val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt,
-        overwrite=args.overwrite, shard_mb=args.shard_mb,
-    )  # fmt: skip
+        image_size=args.image_size,
+        encoding=args.encoding,
+        quality=args.quality,
+        split=args.split,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        skip_corrupt=args.skip_corrupt,
+        overwrite=args.overwrite,
+        shard_mb=args.shard_mb,
+    )
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     try:
         manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)

@@ -34,13 +34,18 @@ class SampleQueue(nn.Module):
         self.register_buffer("preds", torch.zeros(size, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._filled_on_host: int | None = 0
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_filled_on_host", None))
 
     def __len__(self) -> int:
-        return int(self.filled)
+        """The fill count, mirrored on the host so that a training step never reads it back from a device."""
+        if self._filled_on_host is None:
+            self._filled_on_host = int(self.filled)
+        return self._filled_on_host
 
     def contents(self) -> tuple[Tensor, Tensor, Tensor]:
         """The valid entries (a copy-free view; clone before an enqueue if they must survive it)."""
-        n = int(self.filled)
+        n = len(self)
         return self.feats[:n], self.labels[:n], self.preds[:n]
 
     @staticmethod
@@ -67,3 +72,4 @@ class SampleQueue(nn.Module):
         self.preds.index_copy_(0, index, preds.to(torch.long))
         self.ptr.add_(n).remainder_(self.size)
         self.filled.add_(n).clamp_(max=self.size)
+        self._filled_on_host = min(len(self) + n, self.size)

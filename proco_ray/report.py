@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,9 @@ def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     """A PNG of the confusion matrix, rows normalised to recall, with the counts written in each cell."""
     plt = _pyplot()
     counts = np.asarray(confusion, dtype=np.int64)

@@ -7,8 +7,8 @@ write the same files from their trial records.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -62,11 +62,20 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
     for r in records:
         source, final = final_metrics(r.history)
         last = r.history[-1] if r.history else {}
-        trial_rows.append({
-            "trial": r.trial_id, "variant": r.group, "seed": r.params.get(SEED_KEY, ""), "outcome": outcome(r, max_epochs),
-            "epochs": r.epochs, "best epoch": last.get("best/epoch", ""), "metrics from": source, **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
-            experiment.metric: last.get(experiment.metric, ""), "error": r.error or "",
-        })  # fmt: skip
+        trial_rows.append(
+            {
+                "trial": r.trial_id,
+                "variant": r.group,
+                "seed": r.params.get(SEED_KEY, ""),
+                "outcome": outcome(r, max_epochs),
+                "epochs": r.epochs,
+                "best epoch": last.get("best/epoch", ""),
+                "metrics from": source,
+                **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+                experiment.metric: last.get(experiment.metric, ""),
+                "error": r.error or "",
+            }
+        )
     if trial_rows:
         names["trials_csv"] = write_csv(trial_rows, out / "trials.csv").name
     if groups:
@@ -122,8 +131,11 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
             "",
         ]
     if top is not None:
-        lines += [f"**Best trial** by {experiment.metric} ({experiment.mode}): `{top.trial_id}` ({top.group}), "
-                  f"{top.history[-1][experiment.metric]:.4g} at epoch {top.epochs}.", ""]  # fmt: skip
+        lines += [
+            f"**Best trial** by {experiment.metric} ({experiment.mode}): `{top.trial_id}` ({top.group}), "
+            f"{top.history[-1][experiment.metric]:.4g} at epoch {top.epochs}.",
+            "",
+        ]
     lines += [f"![{key}]({file})" for key, file in names.items() if file.endswith(".png")]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     names["markdown"] = "results.md"

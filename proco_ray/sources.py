@@ -14,8 +14,8 @@ import io
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -30,17 +30,28 @@ ISIC_SPLIT_NAMES = {"Training": "train", "Validation": "val", "Test": "test"}
 APTOS_CLASSES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"]
 MEDMNIST_CLASSES = {
     "dermamnist": [
-        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-        "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions",
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
     ],
     "retinamnist": ["0", "1", "2", "3", "4"],
     "bloodmnist": [
-        "basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte",
-        "monocyte", "neutrophil", "platelet",
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
     ],
     "breastmnist": ["malignant", "normal, benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
-}  # fmt: skip
+}
 KINDS = ("isic2018", "aptos2019", "medmnist", "imagefolder")
 LIST_LIMIT = 100
 
@@ -201,9 +212,7 @@ def read_isic2018(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str,
     entries: list[tuple[str, int, int]] = []
     for folder, split in ISIC_SPLIT_NAMES.items():
         input_dir = f"ISIC2018_Task3_{folder}_Input"
-        images = {
-            _stem(f.path): f for f in files if _is_image(f.path) and f"/{input_dir}/" in f"/{_rel(f.path, root)}"
-        }
+        images = {_stem(f.path): f for f in files if _is_image(f.path) and f"/{input_dir}/" in f"/{_rel(f.path, root)}"}
         csv_name = f"ISIC2018_Task3_{folder}_GroundTruth.csv"
         csvs = [f.path for f in files if posixpath.basename(f.path) == csv_name]
         if not images and not csvs:
@@ -230,8 +239,7 @@ def read_isic2018(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str,
     if groups is not None:
         records = [replace(r, group=groups.get(r.id)) for r in records]
     check_classes_present(ISIC_CLASSES, (r.label for r in records), uri)
-    return Source("isic2018", uri, list(ISIC_CLASSES), records, fingerprint(entries, ISIC_CLASSES), fs,
-                  group_source=group_source)  # fmt: skip
+    return Source("isic2018", uri, list(ISIC_CLASSES), records, fingerprint(entries, ISIC_CLASSES), fs, group_source=group_source)
 
 
 def read_aptos2019(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str, str] | None = None) -> Source:
@@ -259,13 +267,19 @@ def read_aptos2019(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str
     images = {_stem(f.path): f for f in files if f.path.startswith(image_dir) and _is_image(f.path)}
     match_labels({k: _rel(v.path, root) for k, v in images.items()}, labels, uri)
     records = [
-        Record(i, labels[i], path=images[i].path, official_split="train", group=(groups or {}).get(i))
-        for i in sorted(images)
+        Record(i, labels[i], path=images[i].path, official_split="train", group=(groups or {}).get(i)) for i in sorted(images)
     ]
     check_classes_present(APTOS_CLASSES, labels.values(), uri)
     entries = [(_rel(images[i].path, root), images[i].size, labels[i]) for i in images]
-    return Source("aptos2019", uri, list(APTOS_CLASSES), records, fingerprint(entries, APTOS_CLASSES), fs,
-                  group_source="groups table" if groups else None)  # fmt: skip
+    return Source(
+        "aptos2019",
+        uri,
+        list(APTOS_CLASSES),
+        records,
+        fingerprint(entries, APTOS_CLASSES),
+        fs,
+        group_source="groups table" if groups else None,
+    )
 
 
 MIN_INFERRED_CLASS_IMAGES = 2
@@ -299,8 +313,9 @@ def medmnist_classes(name: str, labels: Mapping[str, np.ndarray], classes: Seque
     return [str(i) for i in range(top + 1)]
 
 
-def read_medmnist(fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str, str] | None = None,
-                  classes: Sequence[str] | None = None) -> Source:  # fmt: skip
+def read_medmnist(
+    fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str, str] | None = None, classes: Sequence[str] | None = None
+) -> Source:
     """MedMNIST npz: {train,val,test}_{images,labels}, any subset of the splits; labels [N,1]."""
     digest = hashlib.sha256()
     with fs.open_input_file(path) as handle:
@@ -316,8 +331,9 @@ def read_medmnist(fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str,
     for split in SPLITS:
         has_images, has_labels = f"{split}_images" in arrays, f"{split}_labels" in arrays
         if has_images != has_labels:
-            raise DataError(f"{uri}: has {split}_{'images' if has_images else 'labels'} but no "
-                            f"{split}_{'labels' if has_images else 'images'}")  # fmt: skip
+            raise DataError(
+                f"{uri}: has {split}_{'images' if has_images else 'labels'} but no {split}_{'labels' if has_images else 'images'}"
+            )
         if not has_images:
             continue
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -325,8 +341,9 @@ def read_medmnist(fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str,
             raise DataError(f"{uri}: {split}_labels has shape {y.shape}: multi-label data is not supported")
         y = y.reshape(-1).astype(np.int64)
         if len(x) != len(y):
-            raise DataError(f"{uri}: {len(x)} {split} images but {len(y)} {split} labels "
-                            "(images without a label or labels without an image)")  # fmt: skip
+            raise DataError(
+                f"{uri}: {len(x)} {split} images but {len(y)} {split} labels (images without a label or labels without an image)"
+            )
         if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
             raise DataError(f"{uri}: {split}_images must be uint8 [N,H,W] or [N,H,W,3], got {x.dtype} {x.shape}")
         images[split], labels[split] = x, y
@@ -338,22 +355,30 @@ def read_medmnist(fs: pafs.FileSystem, path: str, uri: str, groups: Mapping[str,
         raise DataError(f"{uri}: label(s) outside the {len(names)} classes {names}:\n{listing(unknown)}")
     records = [
         Record(f"{s}_{i:06d}", int(v), array_split=s, index=i, official_split=s, group=(groups or {}).get(f"{s}_{i:06d}"))
-        for s in images for i, v in enumerate(labels[s])
-    ]  # fmt: skip
+        for s in images
+        for i, v in enumerate(labels[s])
+    ]
     check_classes_present(names, (r.label for r in records), uri)
     digest.update("\n".join(names).encode())
-    return Source("medmnist", uri, names, records, "sha256:" + digest.hexdigest(), fs, arrays=images,
-                  group_source="groups table" if groups else None)  # fmt: skip
+    return Source(
+        "medmnist",
+        uri,
+        names,
+        records,
+        "sha256:" + digest.hexdigest(),
+        fs,
+        arrays=images,
+        group_source="groups table" if groups else None,
+    )
 
 
-def read_imagefolder(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str, str] | None = None,
-                     classes: Sequence[str] | None = None) -> Source:  # fmt: skip
+def read_imagefolder(
+    fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str, str] | None = None, classes: Sequence[str] | None = None
+) -> Source:
     """One folder per class (torchvision ImageFolder layout); image ids are paths relative to the root."""
     selector = pafs.FileSelector(root, recursive=True)
     infos = fs.get_file_info(selector)
-    folders = sorted(
-        _rel(i.path, root) for i in infos if i.type == pafs.FileType.Directory and "/" not in _rel(i.path, root)
-    )
+    folders = sorted(_rel(i.path, root) for i in infos if i.type == pafs.FileType.Directory and "/" not in _rel(i.path, root))
     folders = [f for f in folders if not f.startswith(".")]
     names = list(classes) if classes else folders
     unknown = [f for f in folders if f not in names]
@@ -371,8 +396,9 @@ def read_imagefolder(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[s
         raise DataError(f"{uri}: no images in class folders (layout: root/<class>/<image>.jpg)")
     records.sort(key=lambda r: r.id)
     check_classes_present(names, (r.label for r in records), uri)
-    return Source("imagefolder", uri, names, records, fingerprint(entries, names), fs,
-                  group_source="groups table" if groups else None)  # fmt: skip
+    return Source(
+        "imagefolder", uri, names, records, fingerprint(entries, names), fs, group_source="groups table" if groups else None
+    )
 
 
 def detect_kind(fs: pafs.FileSystem, path: str) -> str:
@@ -392,8 +418,7 @@ def detect_kind(fs: pafs.FileSystem, path: str) -> str:
     return "imagefolder"
 
 
-def read_source(uri: str, kind: str = "auto", *, groups: str | None = None,
-                classes: Sequence[str] | None = None) -> Source:  # fmt: skip
+def read_source(uri: str, kind: str = "auto", *, groups: str | None = None, classes: Sequence[str] | None = None) -> Source:
     """Read and validate a dataset at a local path or s3:// URI; `groups` is a CSV of image id -> lesion/patient."""
     fs, path = resolve(uri)
     with storage_errors(uri):

@@ -10,7 +10,7 @@ class, and the same seed gives the same split.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -27,8 +27,9 @@ def group_labels(labels: Sequence[int], groups: Sequence[str]) -> dict[str, int]
     return {g: min(c, key=lambda label: (-c[label], label)) for g, c in votes.items()}
 
 
-def assign_groups(labels: Sequence[int], groups: Sequence[str], fractions: Mapping[str, float],
-                  rng: np.random.Generator) -> list[str]:  # fmt: skip
+def assign_groups(
+    labels: Sequence[int], groups: Sequence[str], fractions: Mapping[str, float], rng: np.random.Generator
+) -> list[str]:
     """Split name per image: whole groups, stratified by group class, greedily towards `fractions`."""
     names = [name for name, share in fractions.items() if share > 0]
     shares = np.array([fractions[n] for n in names], dtype=float)
@@ -51,17 +52,26 @@ def assign_groups(labels: Sequence[int], groups: Sequence[str], fractions: Mappi
     return [placed[g] for g in groups]
 
 
-def paper_split(labels: Sequence[int], groups: Sequence[str] | None = None, *, seed: int = 0,
-                test_fraction: float = 0.3, val_fraction: float = 0.1) -> list[str]:  # fmt: skip
+def paper_split(
+    labels: Sequence[int],
+    groups: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.1,
+) -> list[str]:
     """ProCo's protocol: stratified random train:test = 7:3, then `val_fraction` of train for model selection."""
     if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1:
         raise DataError(f"fractions must lie in [0, 1): test {test_fraction}, val {val_fraction}")
     groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
-    outer = assign_groups(labels, groups, {"train": 1 - test_fraction, "test": test_fraction},
-                          np.random.default_rng([seed, 0]))  # fmt: skip
+    outer = assign_groups(labels, groups, {"train": 1 - test_fraction, "test": test_fraction}, np.random.default_rng([seed, 0]))
     train = [i for i, s in enumerate(outer) if s == "train"]
-    inner = assign_groups([labels[i] for i in train], [groups[i] for i in train],
-                          {"train": 1 - val_fraction, "val": val_fraction}, np.random.default_rng([seed, 1]))  # fmt: skip
+    inner = assign_groups(
+        [labels[i] for i in train],
+        [groups[i] for i in train],
+        {"train": 1 - val_fraction, "val": val_fraction},
+        np.random.default_rng([seed, 1]),
+    )
     for i, split in zip(train, inner):
         outer[i] = split
     return outer
@@ -74,8 +84,17 @@ def official_split(official: Sequence[str | None], where: str) -> list[str]:
     return [str(s) for s in official]
 
 
-def make_split(mode: str, labels: Sequence[int], groups: Sequence[str] | None, official: Sequence[str | None],
-               *, seed: int, test_fraction: float, val_fraction: float, where: str = "source") -> list[str]:  # fmt: skip
+def make_split(
+    mode: str,
+    labels: Sequence[int],
+    groups: Sequence[str] | None,
+    official: Sequence[str | None],
+    *,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    where: str = "source",
+) -> list[str]:
     """One split name per image for a mode: 'paper', 'official' or 'test' (all images as an external test set)."""
     if mode == "paper":
         return paper_split(labels, groups, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction)

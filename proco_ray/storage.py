@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import pyarrow.fs as pafs
 
@@ -61,6 +61,9 @@ class S3Settings:
     secret_key: str | None = None
     session_token: str | None = None
     region: str = DEFAULT_REGION
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    max_attempts: int = MAX_ATTEMPTS
 
 
 def _read_ini(path: Path) -> configparser.ConfigParser:
@@ -70,8 +73,24 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
     return parser
 
 
+def _positive(name: str, text: str | None, default: float, kind: type = float) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise StorageError(f"{name} must be a positive {kind.__name__}, got '{text}'")
+    return value
+
+
 def aws_settings(environ: Mapping[str, str] | None = None, home: Path | None = None) -> S3Settings:
-    """Resolve S3 settings like the AWS CLI: variables first, then ~/.aws/credentials and ~/.aws/config."""
+    """Resolve S3 settings like the AWS CLI: variables first, then ~/.aws/credentials and ~/.aws/config.
+
+    Every request is bounded: PROCO_S3_CONNECT_TIMEOUT_S (default 3), PROCO_S3_REQUEST_TIMEOUT_S (60) and
+    AWS_MAX_ATTEMPTS or the profile's max_attempts (3), so a vanished server fails in bounded time.
+    """
     env = os.environ if environ is None else environ
     home = Path.home() if home is None else home
     profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
@@ -91,6 +110,11 @@ def aws_settings(environ: Mapping[str, str] | None = None, home: Path | None = N
         secret_key=env.get("AWS_SECRET_ACCESS_KEY") or from_files("aws_secret_access_key"),
         session_token=env.get("AWS_SESSION_TOKEN") or from_files("aws_session_token"),
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or from_files("region") or DEFAULT_REGION,
+        connect_timeout_s=_positive("PROCO_S3_CONNECT_TIMEOUT_S", env.get("PROCO_S3_CONNECT_TIMEOUT_S"), CONNECT_TIMEOUT_S),
+        request_timeout_s=_positive("PROCO_S3_REQUEST_TIMEOUT_S", env.get("PROCO_S3_REQUEST_TIMEOUT_S"), REQUEST_TIMEOUT_S),
+        max_attempts=int(
+            _positive("AWS_MAX_ATTEMPTS", env.get("AWS_MAX_ATTEMPTS") or from_files("max_attempts"), MAX_ATTEMPTS, int)
+        ),
     )
 
 
@@ -99,9 +123,9 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
     settings = aws_settings() if settings is None else settings
     kwargs: dict = dict(
         region=settings.region,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        request_timeout=REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        connect_timeout=settings.connect_timeout_s,
+        request_timeout=settings.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
         allow_bucket_creation=True,
     )
     if settings.endpoint:
@@ -116,12 +140,12 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
 def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
     """Map a URI to (filesystem, path): the pair every reader and writer here uses, Ray Data included."""
     if is_s3(uri):
-        path = uri[len("s3://"):].strip("/")
+        path = uri[len("s3://") :].strip("/")
         if not path:
             raise StorageError(f"'{uri}' names no bucket: use s3://bucket/prefix")
         return s3_filesystem(settings), path
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
@@ -206,7 +230,7 @@ class S3Endpoint:
         return S3Settings(self.endpoint, self.access_key, self.secret_key, None, self.region)
 
     def env(self) -> dict[str, str]:
-        """The AWS variables that point every client (pyarrow, s3fs, boto3, aws CLI) here."""
+        """The AWS variables that point every client (pyarrow, boto3, s3fs, the aws CLI) here."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.access_key,
@@ -216,6 +240,15 @@ class S3Endpoint:
 
     def filesystem(self) -> pafs.S3FileSystem:
         return s3_filesystem(self.settings())
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, created with mode 600 (never briefly wider)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -249,9 +282,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 _PORT_NAMES = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc",
-)  # fmt: skip
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 class LocalS3Server:
@@ -260,6 +300,9 @@ class LocalS3Server:
     Its state lives in data_dir: data under weed/, credentials in s3.json,
     the endpoint in server.json, the pid in server.pid and the log in server.log.
     Credentials and ports are chosen once and kept, so a restart serves the same endpoint.
+    Only the owner can read data_dir (700, files 600, the server runs with umask 077), and the
+    master, volume and filer HTTP APIs, which bypass S3's keys, demand JWTs signed with random
+    keys from data_dir/security.toml, so other local users get 401 there.
     """
 
     def __init__(
@@ -282,6 +325,7 @@ class LocalS3Server:
     state_file = property(lambda self: self.data_dir / "server.json")
     log_file = property(lambda self: self.data_dir / "server.log")
     config_file = property(lambda self: self.data_dir / "s3.json")
+    security_file = property(lambda self: self.data_dir / "security.toml")
 
     def _pid(self) -> int | None:
         try:
@@ -305,9 +349,16 @@ class LocalS3Server:
             "credentials": [{"accessKey": access, "secretKey": secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        self.config_file.write_text(json.dumps({"identities": [identity]}, indent=2))
-        self.config_file.chmod(0o600)
+        _write_private(self.config_file, json.dumps({"identities": [identity]}, indent=2))
         return access, secret
+
+    def _write_security(self) -> None:
+        """JWT keys for SeaweedFS's own HTTP APIs (read from the server's working directory)."""
+        if self.security_file.is_file():
+            return
+        sections = ["jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"]
+        text = "".join(f'[{name}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 10\n\n' for name in sections)
+        _write_private(self.security_file, text)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -340,34 +391,50 @@ class LocalS3Server:
 
     def start(self) -> S3Endpoint:
         """Start the server (or find it running) and wait until S3 answers an authenticated request."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         if self.running():
             endpoint = self.endpoint()
             if endpoint is not None:
                 return endpoint
         access, secret = self._credentials()
+        self._write_security()
         ports = self._ports()
         if not _port_free(self.host, ports["s3.port"]):
             raise StorageError(f"port {ports['s3.port']} on {self.host} is in use: choose another with --port")
-        (self.data_dir / "weed").mkdir(exist_ok=True)
+        (self.data_dir / "weed").mkdir(mode=0o700, exist_ok=True)
         args = [
-            weed_binary(), "mini",
-            f"-dir={self.data_dir / 'weed'}", f"-ip={self.host}", f"-ip.bind={self.host}",
-            f"-s3.config={self.config_file}", f"-bucket={self.bucket}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            "-master.telemetry=false", "-master.resumeState=false", "-master.volumeSizeLimitMB=64",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir / 'weed'}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-s3.config={self.config_file}",
+            f"-bucket={self.bucket}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-master.resumeState=false",
+            "-master.volumeSizeLimitMB=64",
             *(f"-{name}={port}" for name, port in ports.items()),
-        ]  # fmt: skip
+        ]
         endpoint = S3Endpoint(f"http://{self.host}:{ports['s3.port']}", access, secret, bucket=self.bucket)
-        with open(self.log_file, "ab") as log:
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(log_fd, "ab") as log:
             self._proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.data_dir, start_new_session=True,
-            )  # fmt: skip
-        self.pid_file.write_text(f"{self._proc.pid}\n")
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.data_dir,
+                start_new_session=True,
+                umask=0o077,
+            )
+        _write_private(self.pid_file, f"{self._proc.pid}\n")
         state = {"endpoint": asdict(endpoint), "ports": ports, "pid": self._proc.pid}
-        self.state_file.write_text(json.dumps(state, indent=2))
-        self.state_file.chmod(0o600)
+        _write_private(self.state_file, json.dumps(state, indent=2))
         try:
             self._wait_ready(endpoint)
         except BaseException:
@@ -377,10 +444,14 @@ class LocalS3Server:
 
     def _wait_ready(self, endpoint: S3Endpoint) -> None:
         fs = pafs.S3FileSystem(
-            access_key=endpoint.access_key, secret_key=endpoint.secret_key, region=endpoint.region,
-            endpoint_override=endpoint.endpoint, connect_timeout=1, request_timeout=5,
+            access_key=endpoint.access_key,
+            secret_key=endpoint.secret_key,
+            region=endpoint.region,
+            endpoint_override=endpoint.endpoint,
+            connect_timeout=1,
+            request_timeout=5,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + self.startup_timeout
         last_error = "no answer yet"
         while time.monotonic() < deadline:
@@ -468,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         state = "already running" if was_running else "started"
         print(f"S3 server {state} at {endpoint.endpoint} (data in {server.data_dir}, log {server.log_file})")
-        print(f"bucket: s3://{endpoint.bucket}   set the client variables with:  eval \"$(proco-ray storage env)\"")
+        print(f'bucket: s3://{endpoint.bucket}   set the client variables with:  eval "$(proco-ray storage env)"')
         return 0
     if args.action == "stop":
         print("stopped" if server.stop() else "not running")

@@ -8,8 +8,8 @@ augmentations) never turns one class's stripes into another's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

@@ -12,10 +12,11 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,11 +96,14 @@ def train_one_epoch(
     device: torch.device,
     amp: bool = False,
     max_steps: int | None = None,
+    progress_every: int = 0,
 ) -> dict[str, float]:
     """One pass over this rank's batches; returns the epoch means of the method's logs (over ranks).
 
     The step never waits for the device: losses and logs are summed on the device and read once at
     the end of the epoch, and a non-finite loss is recorded there (first bad step) and raised then.
+    `progress_every` > 0 prints steps, images/s and the epoch's ETA every that many steps, from host
+    clocks only (no loss: reading it would wait for the device).
     """
     model.train()
     totals: dict[str, Tensor] = {}
@@ -126,6 +130,8 @@ def train_one_epoch(
             totals[key] = totals[key] + value if key in totals else value
         steps += 1
         images += batch["label"].shape[0]
+        if progress_every and steps % progress_every == 0:
+            print(_step_progress(epoch, steps, max_steps, images, time.perf_counter() - start), flush=True)
     if int(first_bad_step) >= 0:
         raise FloatingPointError(f"loss became {float(totals['loss'])} at epoch {epoch}, step {int(first_bad_step)}")
     if steps == 0:
@@ -138,6 +144,12 @@ def train_one_epoch(
     logs["train/data_wait_share"] = data_wait / elapsed
     logs["train/steps"] = steps
     return logs
+
+
+def _step_progress(epoch: int, steps: int, total: int | None, images: int, elapsed: float) -> str:
+    rate = images * distributed.world_size() / max(elapsed, 1e-9)
+    eta = f", epoch ETA {elapsed / steps * (total - steps):.0f}s" if total else ""
+    return f"  epoch {epoch + 1} step {steps}/{total or '?'}: {rate:.0f} img/s{eta}"
 
 
 @torch.no_grad()
@@ -176,6 +188,8 @@ TIE_BREAK = 1e-9
 
 def selection_score(val_macro_f1: float, epoch: int) -> float:
     return val_macro_f1 - TIE_BREAK * epoch
+
+
 COLLAPSE_FRACTION = 0.2
 COLLAPSE_DOC = "docs/method.md#collapse-guard"
 
@@ -276,8 +290,10 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     global_step = state["global_step"] if state else 0
     log = ScalarLog(env.log_dir, enabled=rank == 0)
     total_epochs = config.optim.epochs
-    steps_per_epoch = feed.steps_per_epoch if config.train.max_steps_per_epoch is None else min(
-        feed.steps_per_epoch, config.train.max_steps_per_epoch
+    steps_per_epoch = (
+        feed.steps_per_epoch
+        if config.train.max_steps_per_epoch is None
+        else min(feed.steps_per_epoch, config.train.max_steps_per_epoch)
     )
     metrics: dict[str, Any] = {}
     offset = 0
@@ -315,9 +331,12 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     device,
                     amp=config.optim.amp,
                     max_steps=steps_per_epoch,
+                    progress_every=config.train.log_every_steps if env.print_progress and rank == 0 else 0,
                 )
                 global_step += int(train_logs["train/steps"])
-                val = evaluate(model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp)
+                val = evaluate(
+                    model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp
+                )
                 metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
                 if is_better(metrics, best):
                     best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}

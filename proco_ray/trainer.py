@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import ray
 import ray.train
@@ -45,7 +46,8 @@ def check_resources(config: Config, streams_data: bool = True) -> None:
             f"{' (+1 GPU each, train.use_gpu=true)' if config.train.use_gpu else ''}"
             f"{f' + {DATA_CPUS} CPU for Ray Data' if streams_data else ''} needs "
             + ", ".join(f"{r}={a:g}" for r, a in need.items())
-            + ", the Ray cluster has " + ", ".join(f"{r}={available.get(r, 0):g}" for r in need)
+            + ", the Ray cluster has "
+            + ", ".join(f"{r}={available.get(r, 0):g}" for r in need)
             + " (set train.wait_for_autoscaler=true on an autoscaling cluster)"
         )
 
@@ -61,11 +63,16 @@ def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dat
     common = dict(image_size=data.image_size, seed=config.train.seed)
     datasets = {
         source.key: build_dataset(
-            data.uri, data.train_split, train=True, resample=source.resample, augmentation=source.augmentation,
-            views=source.views, **common,
+            data.uri,
+            data.train_split,
+            train=True,
+            resample=source.resample,
+            augmentation=source.augmentation,
+            views=source.views,
+            **common,
         )
         for source in train_inputs(config)
-    }  # fmt: skip
+    }
     datasets[data.val_split] = build_dataset(data.uri, data.val_split, train=False, **common)
     if data.test_split in manifest.splits:
         datasets[data.test_split] = build_dataset(data.uri, data.test_split, train=False, **common)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,24 +37,28 @@ class GaussianBlur:
 
 def moco_v2_view(size: int) -> Callable[[Image.Image], Image.Image]:
     """The random part of one MoCo v2 view: RandomResizedCrop(0.2-1), ColorJitter p=0.8, grayscale p=0.2, blur p=0.5, flip."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur()], p=0.5),
-        T.RandomHorizontalFlip(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlur()], p=0.5),
+            T.RandomHorizontalFlip(),
+        ]
+    )
 
 
 def supervised_view(size: int) -> Callable[[Image.Image], Image.Image]:
     """The standard single-view augmentation for dermoscopy and fundus images, which have no up or left:
     RandomResizedCrop(0.5-1), horizontal and vertical flips, mild colour jitter."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.5, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-        T.ColorJitter(0.2, 0.2, 0.2, 0.02),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.5, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.ColorJitter(0.2, 0.2, 0.2, 0.02),
+        ]
+    )
 
 
 def eval_view(size: int) -> Callable[[Image.Image], Image.Image]:

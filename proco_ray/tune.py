@@ -26,9 +26,10 @@ import math
 import os
 import re
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import ray
 import ray.tune
@@ -182,7 +183,9 @@ class ProCoTrial(ray.tune.Trainable):
 def trial_dirname(trial: Any) -> str:
     """`<trial id>-<variant or params>`: readable TensorBoard run names (module level: pickled for resume)."""
     params = trial.evaluated_params or {}
-    label = "_".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    label = "_".join(
+        f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items()
+    )
     label = re.sub(r"[^A-Za-z0-9_.=+-]", "", label.replace("variant=", ""))[:80]
     return f"{trial.trial_id}-{label}" if label else trial.trial_id
 
@@ -226,8 +229,13 @@ class SweepPlan:
     max_concurrent: int
 
 
-def validate_sweep(experiment: Experiment, base: Mapping[str, Any], cluster: Mapping[str, float],
-                   feed_factory: FeedFactory | None, max_concurrent: int | None = None) -> SweepPlan:  # fmt: skip
+def validate_sweep(
+    experiment: Experiment,
+    base: Mapping[str, Any],
+    cluster: Mapping[str, float],
+    feed_factory: FeedFactory | None,
+    max_concurrent: int | None = None,
+) -> SweepPlan:
     """Every check that can fail before a trial starts: keys, values, metric, resources, data."""
     configs = validate(experiment, base)
     per_trial: dict[str, float] = {}
@@ -402,7 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="where experiments live (default: train.storage_path)")
     parser.add_argument("--num-samples", type=int, help="override the experiment's num_samples")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
-    parser.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep (it resumes anyway when found)")
+    parser.add_argument(
+        "--resume", action="store_true", help="insist on resuming an existing sweep (it resumes anyway when found)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite results/ of an existing sweep, train nothing")
     parser.add_argument("--generated", action="store_true", help="train on generated long-tailed images (smoke tests; no --data)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config, e.g. optim.epochs=50")
@@ -429,10 +439,26 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report(join(storage if is_s3(storage) else os.path.abspath(storage), name), experiment), indent=2))
         return 0
     feed = generated_feed(base_config) if args.generated else None
-    result = sweep(experiment, base, name=name, storage_path=storage, feed_factory=feed, resume=args.resume or None,
-                   max_concurrent=args.max_concurrent)  # fmt: skip
+    result = sweep(
+        experiment,
+        base,
+        name=name,
+        storage_path=storage,
+        feed_factory=feed,
+        resume=args.resume or None,
+        max_concurrent=args.max_concurrent,
+    )
     failed = [r for r in result.records if r.error]
     print(Path(result.outputs["markdown"]).read_text() if not is_s3(result.experiment_uri) else "")
-    print(json.dumps({"experiment": result.experiment_uri, "resumed": result.resumed, "outputs": result.outputs,
-                      "failed_trials": [f"{r.trial_id}: {r.error}" for r in failed]}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "experiment": result.experiment_uri,
+                "resumed": result.resumed,
+                "outputs": result.outputs,
+                "failed_trials": [f"{r.trial_id}: {r.error}" for r in failed],
+            },
+            indent=2,
+        )
+    )
     return 1 if failed else 0

@@ -73,8 +73,9 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 ISIC_COUNTS = [8, 20, 6, 5, 7, 4, 4]  # MEL NV BCC AKIEC BKL DF VASC: long-tailed like the real set
 
 
-def make_isic(root: Path, counts: list[int] = ISIC_COUNTS, val_counts: list[int] | None = None,
-              images_per_lesion: int = 2) -> Path:  # fmt: skip
+def make_isic(
+    root: Path, counts: list[int] = ISIC_COUNTS, val_counts: list[int] | None = None, images_per_lesion: int = 2
+) -> Path:
     """ISIC 2018 Task 3 layout; lesions of `images_per_lesion` images each, in HAM10000_metadata.csv."""
     meta = []
     for folder, per_class in (("Training", counts), ("Validation", val_counts)):
@@ -137,9 +138,13 @@ def make_imagefolder(root: Path, counts: dict[str, int] | None = None) -> Path:
 def datagen() -> SimpleNamespace:
     """Builders of tiny datasets in each downloaded layout: isic, aptos, medmnist, imagefolder."""
     return SimpleNamespace(
-        isic=make_isic, aptos=make_aptos, medmnist=make_medmnist, imagefolder=make_imagefolder,
-        image_bytes=image_bytes, write_csv=write_csv,
-    )  # fmt: skip
+        isic=make_isic,
+        aptos=make_aptos,
+        medmnist=make_medmnist,
+        imagefolder=make_imagefolder,
+        image_bytes=image_bytes,
+        write_csv=write_csv,
+    )
 
 
 @pytest.fixture

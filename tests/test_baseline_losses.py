@@ -133,9 +133,7 @@ def test_drw_class_weights_formula():
 # ---------------------------------------------------------------- OHEM
 
 
-@pytest.mark.parametrize(
-    ("ratio", "batch", "keep"), [(0.7, 10, 7), (0.25, 10, 3), (0.01, 10, 1), (1.0, 9, 9), (0.5, 1, 1)]
-)
+@pytest.mark.parametrize(("ratio", "batch", "keep"), [(0.7, 10, 7), (0.25, 10, 3), (0.01, 10, 1), (1.0, 9, 9), (0.5, 1, 1)])
 def test_ohem_matches_loop_and_zero_grad_on_dropped(ratio, batch, keep):
     torch.manual_seed(6)
     logits, labels = _random_batch(batch=batch)

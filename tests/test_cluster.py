@@ -50,12 +50,28 @@ def local_cluster(tmp_path):
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
@@ -79,12 +95,34 @@ def test_ray_job_submit_trains_on_a_local_cluster(ray_local, local_cluster, tmp_
     data = tmp_path / "prepared"
     prepare(str(tmp_path / "source"), str(data), PrepareOptions(image_size=16))
     overrides = [
-        "data.num_classes=3", "data.batch_size=8", "method.queue_size=32", "optim.epochs=1", "train.num_workers=2",
-        "train.use_gpu=false", "train.cpus_per_worker=1", "train.wait_for_autoscaler=false", "train.name=job",
+        "data.num_classes=3",
+        "data.batch_size=8",
+        "method.queue_size=32",
+        "optim.epochs=1",
+        "train.num_workers=2",
+        "train.use_gpu=false",
+        "train.cpus_per_worker=1",
+        "train.wait_for_autoscaler=false",
+        "train.name=job",
         f"train.storage_path={tmp_path / 'runs'}",
-    ]  # fmt: skip
-    command = [RAY, "job", "submit", "--address", local_cluster, "--working-dir", str(ROOT), "--",
-               "python", "jobs/train_isic.py", "--config", "tests/tiny.yaml", "--data", str(data), *overrides]  # fmt: skip
+    ]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        local_cluster,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "jobs/train_isic.py",
+        "--config",
+        "tests/tiny.yaml",
+        "--data",
+        str(data),
+        *overrides,
+    ]
     deadline = time.time() + 180
     while True:
         submitted = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cluster_env())
@@ -116,3 +154,13 @@ def test_a_stale_cluster_record_is_ignored_and_a_named_dead_address_is_an_error(
     monkeypatch.setenv("RAY_ADDRESS", dead)
     with pytest.raises(ConfigError, match="RAY_ADDRESS"):
         cluster_address(str(tmp_path))
+
+
+def test_a_local_ray_is_sized_to_the_machine_not_to_the_request():
+    """16 workers on 2 cores must be refused by the resource check, not given 33 logical CPUs to hang on."""
+    from proco_ray.cluster import local_cpus
+
+    assert local_cpus(0, cores=2) == 2
+    assert local_cpus(3, cores=2) == 3  # one worker on both cores + Ray Data's CPU
+    assert local_cpus(33, cores=2) == 3
+    assert local_cpus(5, cores=16) == 16

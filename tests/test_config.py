@@ -27,6 +27,12 @@ def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
         load_config(None, ["optimm.lr=1"])
 
 
+def test_a_retired_key_is_dropped_from_old_configs_and_refused_when_it_would_matter():
+    assert load_config(None, ["data.resample=false"]).to_dict() == load_config(None).to_dict()
+    with pytest.raises(ConfigError, match="'data.resample' was removed: .*proco_resample"):
+        load_config(None, ["data.resample=true"])
+
+
 def test_wrong_types_and_malformed_overrides():
     with pytest.raises(ConfigError, match="method.gamma must be an integer"):
         load_config(None, ["method.gamma=abc"])
@@ -44,8 +50,13 @@ def test_cli_prints_one_line_for_expected_errors_before_starting_ray(tmp_path):
 
     def train(*args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "RAY_ADDRESS": "local"}
-        return subprocess.run([sys.executable, "-m", "proco_ray", "train", "--config", "cpu-small", *args],
-                              capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "proco_ray", "train", "--config", "cpu-small", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
 
     bad_key = train("--data", str(tmp_path / "nothing"), "optim.epohcs=3")
     assert bad_key.returncode == 1

@@ -71,8 +71,18 @@ def test_queue_wraps_around_for_any_size():
         seen.extend(range(3 * step, 3 * step + 3))
     assert len(queue) == 5
     assert sorted(queue.feats[:, 0].tolist()) == seen[-5:]
-    queue.enqueue(torch.arange(100, 107, dtype=torch.float32)[:, None].repeat(1, 2), torch.ones(7, dtype=torch.long), torch.ones(7, dtype=torch.long))
+    queue.enqueue(
+        torch.arange(100, 107, dtype=torch.float32)[:, None].repeat(1, 2),
+        torch.ones(7, dtype=torch.long),
+        torch.ones(7, dtype=torch.long),
+    )
     assert sorted(queue.feats[:, 0].tolist()) == list(range(102, 107))
     restored = SampleQueue(5, 2)
     restored.load_state_dict(queue.state_dict())
     assert torch.equal(restored.feats, queue.feats) and int(restored.ptr) == int(queue.ptr)
+    partly = SampleQueue(5, 2)
+    partly.enqueue(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    fresh = SampleQueue(5, 2)
+    assert len(fresh) == 0
+    fresh.load_state_dict(partly.state_dict())
+    assert len(fresh) == 2 == int(fresh.filled) and fresh.contents()[0].shape == (2, 2)

@@ -32,7 +32,9 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     uri = "s3://proco-e2e/tiny"
     prepare(str(prepared / "source"), uri, PrepareOptions(image_size=16, overwrite=True))
     runs = "s3://proco-e2e/runs"
-    config = load_config(TINY, OVERRIDES + [f"data.uri={uri}", f"train.storage_path={runs}", "train.name=e2e", "method.name=ce_resample"])
+    config = load_config(
+        TINY, OVERRIDES + [f"data.uri={uri}", f"train.storage_path={runs}", "train.name=e2e", "method.name=ce_resample"]
+    )
     temp_before = set(Path(tempfile.gettempdir()).glob("proco-tb-*"))
     summary = summarise(fit(config), config)
     assert summary["metrics"]["epoch"] == 2 and "test/macro_f1" in summary["metrics"]
@@ -42,7 +44,9 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     fs, path = resolve(summary["tensorboard"])
     assert any(info.size for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--data", uri, "--split", "test", "--out", str(out)]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--data", uri, "--split", "test", "--out", str(out)]) == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert sum(metrics["support"]) == read_manifest(uri).num_rows("test")
     assert metrics["class_names"] == ["class_0", "class_1", "class_2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,11 +33,17 @@ def test_grid_runs_every_variant_before_any_second_seed_and_refuses_searches():
 
 
 def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tmp_path):
-    experiment = experiment_from_dict({
-        "name": "mini", "variants": {"ce": {"method.name": "ce"}, "proco": {"method.name": "proco"}},
-        "seeds": [0, 1], "asha": None,
-    })  # fmt: skip
-    base = base_tree(load_config(TINY).to_dict(), experiment, {"data": {"uri": prepared, "image_size": 16}, "optim": {"epochs": 2}})
+    experiment = experiment_from_dict(
+        {
+            "name": "mini",
+            "variants": {"ce": {"method.name": "ce"}, "proco": {"method.name": "proco"}},
+            "seeds": [0, 1],
+            "asha": None,
+        }
+    )
+    base = base_tree(
+        load_config(TINY).to_dict(), experiment, {"data": {"uri": prepared, "image_size": 16}, "optim": {"epochs": 2}}
+    )
     records = local_sweep(experiment, base, tmp_path / "sweep", parallel=2, workers=0)
     assert sorted(r.trial_id for r in records) == ["ce_seed0", "ce_seed1", "proco_seed0", "proco_seed1"]
     assert all(r.error is None and r.epochs == 2 for r in records)
@@ -49,3 +56,6 @@ def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tm
     assert history.stat().st_mtime_ns == before  # complete trials are not rerun
     assert [r.history for r in again] == [r.history for r in records]
     assert json.loads(history.read_text())[-1]["epoch"] == 2
+    changed = dataclasses.replace(experiment, variants={"ce": {"method.name": "focal"}, "proco": {"method.name": "proco"}})
+    with pytest.raises(ConfigError, match="ce_seed0 was run with another config than experiment 'mini'"):
+        local_sweep(changed, base, tmp_path / "sweep", parallel=2, workers=0)

@@ -125,7 +125,15 @@ def test_cl_linear_stage_trains_only_the_classifier():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("gamma", -1), ("eps_max", 1.0), ("eps_max", -0.1), ("tau", 0.0), ("loss", "mse"), ("queue_size", -5), ("proto_form", "sum")],
+    [
+        ("gamma", -1),
+        ("eps_max", 1.0),
+        ("eps_max", -0.1),
+        ("tau", 0.0),
+        ("loss", "mse"),
+        ("queue_size", -5),
+        ("proto_form", "sum"),
+    ],
 )
 def test_bad_proco_settings_name_the_argument(field, value):
     with pytest.raises(ValueError, match=field):
@@ -156,6 +164,7 @@ def test_each_method_reads_its_augmentation_and_views():
         return [train_input(stage, augmentation) for stage in METHODS[name].stages_for(MethodConfig(name=name), 10)]
 
     assert inputs("proco") == [TrainInput(False, "moco_v2", 2)]
+    assert inputs("proco_resample") == [TrainInput(True, "moco_v2", 2)]
     for single in ("ce", "focal", "ldam_drw", "ohem"):
         assert inputs(single) == [TrainInput(False, "supervised", 1)]
     assert inputs("ce_resample") == [TrainInput(True, "supervised", 1)]

@@ -35,15 +35,11 @@ def test_matches_sklearn(y_true, y_pred, num_classes):
     got = classification_metrics(y_true, y_pred, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, recall, f1, support = skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, zero_division=0
-        )
+        precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
         balanced = skm.balanced_accuracy_score(y_true, y_pred)
         kappa = skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
     assert got["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
-    assert got["macro_f1"] == pytest.approx(
-        skm.f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)
-    )
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0))
     assert got["balanced_accuracy"] == pytest.approx(balanced)
     np.testing.assert_allclose(got["precision"], precision)
     np.testing.assert_allclose(got["recall"], recall)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from proco_ray.errors import DataError
-from proco_ray.pipeline import build_dataset, read_manifest
+from proco_ray.pipeline import build_dataset, load_split, read_manifest
 from proco_ray.prepare import PrepareOptions, prepare
 
 SIZE = 16
@@ -140,6 +140,33 @@ def test_tampered_shard_is_named(prepared, tmp_path):
         build_dataset(str(copy), "val", image_size=SIZE, train=False)
 
 
+def test_label_outside_the_classes_is_named_where_data_enters(prepared, tmp_path):
+    """A shard whose checksum matches but whose label is out of range fails in load_split, not in a device step."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = read_manifest(str(copy)).shards_of("val")[0].path
+    table = pq.read_table(copy / shard)
+    labels = table.column("label").to_pylist()
+    labels[1] = 7
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, table.schema.field("label").type))
+    pq.write_table(table, copy / shard)
+    data = (copy / shard).read_bytes()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["path"] == shard:
+            entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    fixed = read_manifest(str(copy))
+    with pytest.raises(DataError, match=f"{shard} row 1 has label 7, outside the manifest's 3 classes"):
+        load_split(str(copy), fixed.shards_of("val"), fixed.num_classes)
+
+
 def test_streams_from_s3(tmp_path, datagen, s3_env, ray_local):
     source = datagen.medmnist(tmp_path / "retinamnist.npz", {"train": 30, "val": 10})
     uri = "s3://proco/pipeline-test"
@@ -170,7 +197,9 @@ def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
     single = next(iter(feed.train_batches(TrainInput(True, "supervised", 1), 0)))
     assert set(single) == {"view_q", "label"} and single["view_q"].shape == (8, 3, SIZE, SIZE)
     local = torch.cat([b["image"] for b in feed.eval_batches("val")])
-    ray_side = torch.cat([b["image"] for b in build_dataset(prepared, "val", image_size=SIZE, train=False).iter_torch_batches(batch_size=16)])
+    ray_side = torch.cat(
+        [b["image"] for b in build_dataset(prepared, "val", image_size=SIZE, train=False).iter_torch_batches(batch_size=16)]
+    )
     assert local.shape == ray_side.shape
     torch.testing.assert_close(local.sum(0), ray_side.sum(0), rtol=1e-4, atol=1e-3)  # same images, any order
     with pytest.raises(KeyError, match="no split 'holdout'"):

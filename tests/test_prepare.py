@@ -218,3 +218,30 @@ def test_overwrite_replaces_an_interrupted_prepare(tmp_path, datagen, ray_local)
     (out / "manifest.json").unlink()  # died before its last step: the marker still says whose folder it is
     manifest = prepare(source, str(out), PrepareOptions(image_size=16, overwrite=True))
     assert (out / "manifest.json").is_file() and manifest["image_size"] == 16
+
+
+def test_shard_writes_to_a_vanished_server_fail_in_bounded_time(ray_local):
+    """Ray Data's own write retries (10 attempts, backoff to 32 s) are off: the S3 client's bounded ones decide."""
+    import ray
+
+    from proco_ray.prepare import write_split
+    from proco_ray.storage import S3Settings, free_port, s3_filesystem, storage_errors
+
+    rows = [{"image": b"x" * 64, "label": 0, "id": str(i), "split": "train", "error": ""} for i in range(20)]
+    processed = ray.data.from_items(rows).materialize()
+    gone = s3_filesystem(S3Settings(f"http://127.0.0.1:{free_port()}", "a", "b", max_attempts=2))
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="storage error at s3://proco/out: cannot connect"), storage_errors("s3://proco/out"):
+        write_split(processed, "train", gone, "proco/out", shard_mb=1)
+    assert time.monotonic() - started < 120  # seconds on an idle machine; over 300 with Ray Data's retries
+
+
+def test_storage_timeouts_come_from_the_environment(tmp_path):
+    from proco_ray.storage import aws_settings
+
+    settings = aws_settings(
+        {"PROCO_S3_CONNECT_TIMEOUT_S": "1.5", "PROCO_S3_REQUEST_TIMEOUT_S": "7", "AWS_MAX_ATTEMPTS": "2"}, tmp_path
+    )
+    assert (settings.connect_timeout_s, settings.request_timeout_s, settings.max_attempts) == (1.5, 7.0, 2)
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS must be a positive int, got 'many'"):
+        aws_settings({"AWS_MAX_ATTEMPTS": "many"}, tmp_path)

@@ -165,7 +165,9 @@ def test_no_candidates_and_empty_bank_and_gamma_zero():
     empty = torch.zeros(0, 8)
     feats, mask = adversarial_negatives(d["query"], empty, torch.zeros(0, dtype=torch.long), labels, d["prototypes"], 3, eps)
     assert feats.shape == (5, 3, 8) and not mask.any()
-    feats, mask = adversarial_negatives(d["query"], d["bank_feats"], d["bank_labels"], labels, d["prototypes"], 0, torch.zeros(5, 0))
+    feats, mask = adversarial_negatives(
+        d["query"], d["bank_feats"], d["bank_labels"], labels, d["prototypes"], 0, torch.zeros(5, 0)
+    )
     assert feats.shape == (5, 0, 8) and mask.shape == (5, 0)
 
 
@@ -187,9 +189,13 @@ def test_adversarial_bad_input():
     with pytest.raises(ValueError, match="eps"):
         adversarial_negatives(*args, 2, torch.full((5, 2), 1.0))
     with pytest.raises(ValueError, match="labels"):
-        adversarial_negatives(d["query"], d["bank_feats"], d["bank_labels"], d["labels"] + 10, d["prototypes"], 2, torch.zeros(5, 2))
+        adversarial_negatives(
+            d["query"], d["bank_feats"], d["bank_labels"], d["labels"] + 10, d["prototypes"], 2, torch.zeros(5, 2)
+        )
     with pytest.raises(ValueError, match="bank_feats"):
-        adversarial_negatives(d["query"], torch.randn(17, 3), d["bank_labels"], d["labels"], d["prototypes"], 2, torch.zeros(5, 2))
+        adversarial_negatives(
+            d["query"], torch.randn(17, 3), d["bank_labels"], d["labels"], d["prototypes"], 2, torch.zeros(5, 2)
+        )
     with pytest.raises(ValueError, match="bank_preds"):
         adversarial_positives(*args[:3], d["bank_preds"] - 9, d["labels"], d["prototypes"], 2, torch.zeros(5, 2))
 

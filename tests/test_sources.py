@@ -161,8 +161,14 @@ def test_real_isic_sample_reads(shared_data):
     source = read_source(str(shared_data / "isic2018"))
     assert len(source.records) == 5984
     assert dict(zip(source.classes, source.class_counts())) == {
-        "MEL": 491, "NV": 4323, "BCC": 264, "AKIEC": 183, "BKL": 583, "DF": 60, "VASC": 80,
-    }  # fmt: skip
+        "MEL": 491,
+        "NV": 4323,
+        "BCC": 264,
+        "AKIEC": 183,
+        "BKL": 583,
+        "DF": 60,
+        "VASC": 80,
+    }
     assert all(r.group for r in source.records)
 
 
@@ -227,5 +233,7 @@ def test_medmnist_stray_label_is_an_error_naming_the_row_whatever_the_file_is_ca
     np.savez(tmp_path / "my_fundus_set.npz", train_images=images, train_labels=labels.reshape(-1, 1))
     with pytest.raises(DataError, match=rf"(?s)stray label\(s\) \[{stray}\].*0\.\.4.*train\[17\] = {stray}"):
         read_source(str(tmp_path / "my_fundus_set.npz"))
-    declared = read_source(str(tmp_path / "my_fundus_set.npz"), classes=[str(i) for i in range(stray + 1)]) if stray == 5 else None
+    declared = (
+        read_source(str(tmp_path / "my_fundus_set.npz"), classes=[str(i) for i in range(stray + 1)]) if stray == 5 else None
+    )
     assert declared is None or declared.classes == ["0", "1", "2", "3", "4", "5"]  # declared classes are taken as given

@@ -20,7 +20,7 @@ from proco_ray.storage import (
     resolve,
     s3_filesystem,
     storage_errors,
-)  # fmt: skip
+)
 
 
 def test_aws_settings_from_variables_win_over_files(tmp_path):
@@ -90,8 +90,7 @@ def test_start_refuses_a_port_in_use(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proco_ray", "storage", *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "proco_ray", "storage", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_start_status_env_stop_across_processes(tmp_path):
@@ -117,3 +116,33 @@ def test_cli_start_status_env_stop_across_processes(tmp_path):
     with LocalS3Server(data_dir, int(port)) as endpoint:
         with endpoint.filesystem().open_input_stream("proco/kept.txt") as stream:
             assert stream.read() == b"kept"
+
+
+def test_local_server_is_private_to_its_owner(tmp_path):
+    """SeaweedFS's own HTTP APIs refuse unsigned requests; the data directory and its files are the owner's only."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    server = LocalS3Server(tmp_path / "private")
+    with server as endpoint:
+        with endpoint.filesystem().open_output_stream("proco/secret/a.txt") as out:
+            out.write(b"secret")
+        ports = json.loads(server.state_file.read_text())["ports"]
+        filer = f"http://127.0.0.1:{ports['filer.port']}"
+        attempts = [
+            urllib.request.Request(f"{filer}/buckets/proco/secret/"),
+            urllib.request.Request(f"{filer}/buckets/proco/secret/a.txt"),
+            urllib.request.Request(f"{filer}/buckets/proco/evil.txt", data=b"x", method="PUT"),
+        ]
+        assign = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['master.port']}/dir/assign", timeout=5).read())
+        attempts.append(urllib.request.Request(f"http://{assign['url']}/{assign['fid']}", data=b"x", method="POST"))
+        for request in attempts:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == 401, (request.full_url, refused.value.code)
+        assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+        for name in ("s3.json", "server.json", "security.toml", "server.log", "server.pid"):
+            assert (tmp_path / "private" / name).stat().st_mode & 0o777 == 0o600, name
+        data_files = [p for p in (tmp_path / "private" / "weed").rglob("*") if p.suffix in (".dat", ".idx")]
+        assert data_files and all(p.stat().st_mode & 0o077 == 0 for p in data_files)

@@ -17,7 +17,9 @@ OVERRIDES = ["model.norm=group", "model.batch_norm=shuffle"]
 
 
 def run(tmp_path, name, workers, extra=()):
-    config = load_config(TINY, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra))
+    config = load_config(
+        TINY, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra)
+    )
     return fit(config, FEED)
 
 
@@ -64,7 +66,9 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     killed = []
     # Only this session's workers (children of its raylet): other Ray instances may be training on this machine.
     session = ray_local._private.worker._global_node.get_session_dir_path()
-    raylets = {p.pid for p in psutil.process_iter(["cmdline"]) if any(f"{session}/sockets/raylet" in a for a in p.info["cmdline"] or [])}
+    raylets = {
+        p.pid for p in psutil.process_iter(["cmdline"]) if any(f"{session}/sockets/raylet" in a for a in p.info["cmdline"] or [])
+    }
     assert raylets, f"no raylet found for {session}"
 
     def kill_after_second_checkpoint():

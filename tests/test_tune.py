@@ -75,13 +75,20 @@ def test_malformed_domains_are_refused(spec, message):
 
 def test_shipped_experiments_validate():
     shipped = sorted(CONFIG_TUNE_DIR.glob("*.yaml"))
-    assert {p.stem for p in shipped} >= {"hparams", "ablation", "baselines", "compare-cpu", "proco-collapse-cpu"}
+    assert {p.stem for p in shipped} >= {"hparams", "ablation", "baselines", "compare-cpu", "proco-loss", "proco-levers"}
     for path in shipped:
         experiment = load_experiment(path)
         configs = validate(experiment, base_tree(load_config(experiment.base).to_dict(), experiment))
         assert configs
     ablation = load_experiment("ablation")
-    assert set(ablation.variants) >= {"proto_loss_only", "plus_proto_instances", "plus_recalibration", "full_proco", "loss_ce", "loss_infonce"}
+    assert set(ablation.variants) >= {
+        "proto_loss_only",
+        "plus_proto_instances",
+        "plus_recalibration",
+        "full_proco",
+        "loss_ce",
+        "loss_infonce",
+    }
     assert len(ablation.seeds) == 3 and ablation.num_trials() == 18
     from proco_ray.methods import METHODS
 
@@ -155,10 +162,25 @@ def test_more_resources_per_trial_than_the_cluster_has_is_refused():
 def record(trial_id: str, params: dict, epochs: int, max_epochs: int, f1: float, error: str | None = None) -> TrialRecord:
     history = []
     for epoch in range(1, epochs + 1):
-        row = {"epoch": epoch, "train/loss": 2.0 / epoch, "val/accuracy": f1 + 0.1, "val/macro_f1": f1 * epoch / epochs,
-               "val/balanced_accuracy": f1, "val/recall/a": f1, "val/recall/b": 1 - f1}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train/loss": 2.0 / epoch,
+            "val/accuracy": f1 + 0.1,
+            "val/macro_f1": f1 * epoch / epochs,
+            "val/balanced_accuracy": f1,
+            "val/recall/a": f1,
+            "val/recall/b": 1 - f1,
+        }
         if epoch == max_epochs:
-            row.update({"test/accuracy": f1 + 0.2, "test/macro_f1": f1, "test/balanced_accuracy": f1, "test/recall/a": f1, "test/recall/b": 0.5})
+            row.update(
+                {
+                    "test/accuracy": f1 + 0.2,
+                    "test/macro_f1": f1,
+                    "test/balanced_accuracy": f1,
+                    "test/recall/a": f1,
+                    "test/recall/b": 0.5,
+                }
+            )
         history.append(row)
     return TrialRecord(trial_id, params, history, error)
 
@@ -167,7 +189,10 @@ def test_final_metrics_prefer_test_then_last_val():
     finished = record("t1", {}, 3, 3, 0.6)
     stopped = record("t2", {}, 1, 3, 0.3)
     assert final_metrics(finished.history)[0] == "test" and final_metrics(finished.history)[1]["accuracy"] == pytest.approx(0.8)
-    assert final_metrics(stopped.history) == ("val", pytest.approx({"accuracy": 0.4, "macro_f1": 0.3, "balanced_accuracy": 0.3, "recall/a": 0.3, "recall/b": 0.7}))
+    assert final_metrics(stopped.history) == (
+        "val",
+        pytest.approx({"accuracy": 0.4, "macro_f1": 0.3, "balanced_accuracy": 0.3, "recall/a": 0.3, "recall/b": 0.7}),
+    )
     assert final_metrics([]) == ("none", {})
 
 
@@ -184,7 +209,14 @@ def test_mean_std_and_its_formatting():
 def test_groups_aggregate_over_seeds_in_variant_order(tmp_path):
     from proco_ray.results import _write_results_to
 
-    experiment = experiment_from_dict({"name": "abl", "variants": {"full": {}, "ce_loss": {"method.loss": "ce"}}, "seeds": [0, 1, 2], "asha": {"grace_period": 1}})
+    experiment = experiment_from_dict(
+        {
+            "name": "abl",
+            "variants": {"full": {}, "ce_loss": {"method.loss": "ce"}},
+            "seeds": [0, 1, 2],
+            "asha": {"grace_period": 1},
+        }
+    )
     records = [
         record("a0", {"variant": "full", "train.seed": 0}, 3, 3, 0.6),
         record("a1", {"variant": "full", "train.seed": 1}, 3, 3, 0.7),
@@ -225,14 +257,17 @@ def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp
     """lr 1e-5 barely moves the loss: ASHA (grace 1, factor 2) stops those trials at its first rung."""
     from proco_ray.tune import sweep
 
-    experiment = experiment_from_dict({
-        "name": "asha",
-        # seeds vary fastest, so both good trials reach the first rung before the bad ones
-        "search_space": {"optim.lr": {"grid": [0.05, 1.0e-5]}, "train.seed": {"grid": [0, 1]}},
-        # val/macro_f1 ties on 48 generated images; the loss separates the learning rates clearly
-        "metric": "train/loss", "mode": "min",
-        "asha": {"grace_period": 1, "reduction_factor": 2},
-    })  # fmt: skip
+    experiment = experiment_from_dict(
+        {
+            "name": "asha",
+            # seeds vary fastest, so both good trials reach the first rung before the bad ones
+            "search_space": {"optim.lr": {"grid": [0.05, 1.0e-5]}, "train.seed": {"grid": [0, 1]}},
+            # val/macro_f1 ties on 48 generated images; the loss separates the learning rates clearly
+            "metric": "train/loss",
+            "mode": "min",
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+        }
+    )
     result = sweep(experiment, tiny_base(experiment, 2), name="asha", storage_path=str(tmp_path), feed_factory=FEED)
     epochs = {r.params["optim.lr"]: [] for r in result.records}
     for r in result.records:
@@ -268,7 +303,12 @@ DRIVER = textwrap.dedent(
     sweep(experiment, tiny_base(experiment, 2), name="resume", storage_path={storage!r}, feed_factory=FEED, max_concurrent=1)
     """
 )
-RESUME_EXPERIMENT = {"name": "resume", "variants": {"full": {}, "no_recalibration": {"method.recalibration": False}}, "seeds": [0], "asha": None}
+RESUME_EXPERIMENT = {
+    "name": "resume",
+    "variants": {"full": {}, "no_recalibration": {"method.recalibration": False}},
+    "seeds": [0],
+    "asha": None,
+}
 
 
 def _terminated(experiment_dir: Path) -> set[str]:
@@ -288,7 +328,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_loca
 
     address = ray_local.get_runtime_context().gcs_address
     script = DRIVER.format(tests=str(Path(__file__).parent), address=address, storage=str(tmp_path))
-    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     experiment_dir = tmp_path / "resume"
     try:
         deadline = time.time() + 180
@@ -301,8 +343,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_loca
         driver.wait()
     lines_before = {
         d.name.split("-")[0]: len((d / "result.json").read_text().splitlines())
-        for d in experiment_dir.iterdir() if (d / "result.json").is_file()
-    }  # fmt: skip
+        for d in experiment_dir.iterdir()
+        if (d / "result.json").is_file()
+    }
     assert len(finished_before) < 2
 
     experiment = experiment_from_dict(RESUME_EXPERIMENT)

@@ -1,0 +1,281 @@
+"""`proco-ray predict`: a checkpoint's class probabilities for new images, as Ray Data batch inference.
+
+Read and decode in CPU tasks, the model in a pool of actors that load the checkpoint once (a GPU each
+when the cluster has GPUs), the small results gathered and written as Parquet (and CSV on request).
+Images get exactly the preprocessing of the checkpoint's training data: prepare's squash to
+image_size x image_size and its encoding, then the evaluation view. Unreadable images are listed in
+unreadable.csv with the reason and do not stop the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from proco_ray.checkpoint import load_checkpoint
+from proco_ray.errors import DataError
+from proco_ray.pipeline import MANIFEST, load_split, read_manifest
+from proco_ray.prepare import encode_image
+from proco_ray.storage import ensure_bucket, join, list_files, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.transforms import decode, eval_view, normalize_batch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MARKER = ".proco-ray-predict"  # marks an output folder as predict's own: --overwrite replaces only such a folder
+PREDICTIONS = "predictions.parquet"
+UNREADABLE = "unreadable.csv"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What prepare did to the checkpoint's training images, so new images get the same."""
+
+    image_size: int
+    encoding: str | None  # None: the training manifest was not readable; no re-encoding (lossless)
+    quality: int
+
+
+def preprocessing_of(state: dict[str, Any]) -> Preprocessing:
+    config = state["config"]
+    size = int(config["data"]["image_size"])
+    try:
+        options = json.loads(read_bytes(join(config["data"]["uri"], MANIFEST)) or b"{}").get("options", {})
+    except Exception:  # the training data may live where this machine cannot reach it
+        options = {}
+    return Preprocessing(size, options.get("encoding"), int(options.get("quality", 95)))
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem | None, prep: Preprocessing, prepared: bool
+) -> dict[str, np.ndarray]:
+    """Paths (or a prepared split's encoded images) -> image float32 [B,3,H,W], path and error text.
+
+    A file that cannot be decoded gets zeros and its error; a file that cannot be read fails the task
+    (storage trouble is not a bad image).
+    """
+    view = eval_view(prep.image_size)
+    images, errors = [], []
+    for i, path in enumerate(batch["path"]):
+        if prepared:
+            data = batch["data"][i]
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                data = stream.read()
+        try:
+            if prepared:
+                image = decode(data)
+            else:
+                from PIL import Image
+
+                raw = Image.open(io.BytesIO(data))
+                raw.load()
+                image = decode(encode_image(raw, prep.image_size, prep.encoding or "png", prep.quality))
+            images.append(view(image))
+            errors.append("")
+        except Exception as error:  # any failure to decode the bytes read means a bad image
+            images.append(None)
+            errors.append(f"{type(error).__name__}: {error}")
+    blank = np.zeros((3, prep.image_size, prep.image_size), dtype=np.float32)
+    good = [image for image in images if image is not None]
+    pixels = iter(normalize_batch(good)) if good else iter(())
+    return {
+        "path": np.asarray(batch["path"], dtype=object),
+        "image": np.stack([next(pixels) if image is not None else blank for image in images]),
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+class Predictor:
+    """A Ray Data actor: loads the checkpoint once, returns class probabilities for each readable image."""
+
+    def __init__(self, checkpoint_uri: str, tta: bool) -> None:
+        from proco_ray.config import config_from_dict
+        from proco_ray.evaluate import local_checkpoint
+        from proco_ray.methods import build_method
+
+        with local_checkpoint(checkpoint_uri) as directory:
+            state = load_checkpoint(directory)
+        config = config_from_dict(state["config"])
+        self.class_names = list(state["class_names"])
+        self.method = build_method(config.method, config.model, len(self.class_names), [1] * len(self.class_names))
+        self.model = self.method.build_model()
+        self.model.load_state_dict(state["model"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.method.to(self.device)
+        self.tta = tta
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax of the method's logits; with TTA the mean over the image and its two flips."""
+        views = [images, images.flip(-1), images.flip(-2)] if self.tta else [images]
+        return torch.stack([self.method.predict(self.model, v).float().softmax(dim=1) for v in views]).mean(0)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        readable = batch["error"] == ""
+        probs = np.full((len(readable), len(self.class_names)), np.nan, dtype=np.float32)
+        if readable.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][readable])).to(self.device)
+            probs[readable] = self.probabilities(images).cpu().numpy()
+        predicted = np.asarray(
+            [self.class_names[int(k)] if ok else "" for k, ok in zip(np.nan_to_num(probs).argmax(1), readable)], dtype=object
+        )
+        out = {"path": batch["path"], "predicted": predicted, "error": batch["error"]}
+        out.update({f"prob_{name}": probs[:, c] for c, name in enumerate(self.class_names)})
+        return out
+
+
+def list_images(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """Every image file under a folder or s3:// prefix (recursively), sorted."""
+    fs, root = resolve(uri)
+    with storage_errors(uri):
+        files = sorted(f.path for f in list_files(fs, root) if f.path.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
+    return fs, files
+
+
+def check_output(uri: str, overwrite: bool) -> tuple[pafs.FileSystem, str, bool]:
+    """Refuse an output holding files unless --overwrite and the files are a previous predict's own.
+
+    Returns (filesystem, path, whether earlier predictions are to be replaced once the new ones exist).
+    """
+    fs, path = resolve(uri)
+    with storage_errors(uri):
+        ensure_bucket(fs, path)
+        existing = list_files(fs, path)
+        if existing and not overwrite:
+            raise DataError(f"output {uri} already holds {len(existing)} file(s); pass --overwrite to replace predictions")
+        if existing and join(path, MARKER) not in {f.path for f in existing}:
+            raise DataError(
+                f"output {uri} holds files that proco-ray predict did not write (no {MARKER}); choose a new or empty output"
+            )
+    return fs, path, bool(existing)
+
+
+def predict(
+    checkpoint_uri: str,
+    input_uri: str,
+    output_uri: str,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    tta: bool = False,
+    overwrite: bool = False,
+    csv: bool = False,
+    actors: int | None = None,
+) -> dict[str, Any]:
+    """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
+    import ray
+
+    from proco_ray.evaluate import local_checkpoint
+
+    with local_checkpoint(checkpoint_uri) as directory:
+        state = load_checkpoint(directory)
+    prep = preprocessing_of(state)
+    class_names = list(state["class_names"])
+    if split is not None:
+        manifest = read_manifest(input_uri)
+        if split not in manifest.splits:
+            raise DataError(f"{input_uri}: no split '{split}' (it has {sorted(manifest.splits)})")
+        if manifest.image_size != prep.image_size:
+            raise DataError(
+                f"{input_uri} holds {manifest.image_size} px images, the checkpoint was trained at {prep.image_size} px"
+            )
+        tables = load_split(input_uri, manifest.shards_of(split), manifest.num_classes)
+        rows = pa.concat_tables(tables).select(["id", "image"]).rename_columns(["path", "data"])
+        source, fs, count = ray.data.from_arrow(rows), None, rows.num_rows
+    else:
+        fs, paths = list_images(input_uri)
+        source, count = (
+            ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / 256))),
+            len(paths),
+        )
+    out_fs, out_path, replace = check_output(output_uri, overwrite)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    pool = actors or (int(gpus) if gpus else 1)
+    results = (
+        source.map_batches(
+            preprocess_batch, batch_size=batch_size, fn_kwargs=dict(filesystem=fs, prep=prep, prepared=split is not None)
+        )
+        .map_batches(
+            Predictor,
+            fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, tta=tta),
+            batch_size=batch_size,
+            concurrency=pool,
+            num_gpus=1 if gpus else 0,
+        )
+        .to_arrow_refs()
+    )
+    table = pa.concat_tables(ray.get(results)).sort_by("path")
+    if table.num_rows != count:
+        raise DataError(f"predicted {table.num_rows} of {count} images from {input_uri}")
+    unreadable = table.filter(pc.not_equal(table["error"], "")).select(["path", "error"])
+    predictions = table.filter(pc.equal(table["error"], "")).drop_columns(["error"])
+    with storage_errors(output_uri):
+        if replace:
+            out_fs.delete_dir_contents(out_path, missing_dir_ok=True)
+        write_bytes(join(output_uri, MARKER), b"written by proco-ray predict; --overwrite may replace this folder\n")
+        with out_fs.open_output_stream(join(out_path, PREDICTIONS)) as stream:
+            pq.write_table(predictions, stream)
+        written = [join(output_uri, PREDICTIONS)]
+        if csv:
+            with out_fs.open_output_stream(join(out_path, "predictions.csv")) as stream:
+                pacsv.write_csv(predictions, stream)
+            written.append(join(output_uri, "predictions.csv"))
+        if unreadable.num_rows:
+            with out_fs.open_output_stream(join(out_path, UNREADABLE)) as stream:
+                pacsv.write_csv(unreadable, stream)
+            written.append(join(output_uri, UNREADABLE))
+    return {
+        "checkpoint": checkpoint_uri,
+        "input": input_uri,
+        "classes": class_names,
+        "predicted": predictions.num_rows,
+        "unreadable": unreadable.num_rows,
+        "tta": tta,
+        "preprocessing": {"image_size": prep.image_size, "encoding": prep.encoding or "none (lossless)"},
+        "written": written,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images, or a prepared dataset with --split")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for predictions.parquet (and unreadable.csv)")
+    parser.add_argument("--split", help="predict this split of the prepared dataset given as --input (default: input is images)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
+    parser.add_argument("--tta", action="store_true", help="average the probabilities over the image and its two flips")
+    parser.add_argument("--csv", action="store_true", help="also write predictions.csv")
+    parser.add_argument("--actors", type=int, help="model actors (default: one per GPU of the cluster, else 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the predictions of an earlier predict in --output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from proco_ray.cluster import connect_or_start_ray
+
+    connect_or_start_ray()
+    summary = predict(
+        args.checkpoint,
+        args.input,
+        args.output,
+        split=args.split,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        overwrite=args.overwrite,
+        csv=args.csv,
+        actors=args.actors,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
