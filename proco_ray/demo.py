@@ -2,7 +2,8 @@
 
 Local S3 (SeaweedFS) up -> prepare a long-tailed dataset into it -> ProCo on a
 local Ray with 2 CPU workers (TorchTrainer, Ray Data) -> evaluate the best
-checkpoint on the test split -> print the metrics and where everything is.
+checkpoint on the test split -> predict the source images with it (Ray Data batch
+inference) -> print the metrics and where everything is.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import load_config
 from proco_ray.evaluate import evaluate_checkpoint
+from proco_ray.predict import predict
 from proco_ray.prepare import PrepareOptions, prepare
 from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix
 from proco_ray.storage import DEFAULT_DIR, LocalS3Server
 from proco_ray.synthetic import long_tailed_counts, write_image_folder
-from proco_ray.trainer import fit, summarise
+from proco_ray.trainer import fit, summarise, write_run_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     server = LocalS3Server(args.storage_dir)
     was_running = server.running()
     endpoint = server.start()
-    print(f"[1/4] local S3 at {endpoint.endpoint} (data in {server.data_dir})", flush=True)
+    print(f"[1/5] local S3 at {endpoint.endpoint} (data in {server.data_dir})", flush=True)
     os.environ.update(endpoint.env())
     try:
         source = args.source
@@ -49,15 +51,16 @@ def run(args: argparse.Namespace) -> int:
         connect_or_start_ray(min_cpus=config.run_resources()["CPU"], join_existing=False)
         data_uri = f"s3://{endpoint.bucket}/demo/{Path(source).name}-{config.data.image_size}px"
         manifest = prepare(source, data_uri, PrepareOptions(image_size=config.data.image_size, overwrite=True))
-        print(f"[2/4] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)
+        print(f"[2/5] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)
         config.data.uri = data_uri
         config.data.num_classes = len(manifest["classes"])
         print(
-            f"[3/4] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs",
+            f"[3/5] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs",
             flush=True,
         )
         summary = summarise(fit(config), config)
-        print(f"[4/4] evaluating {summary['best_checkpoint']} on the test split", flush=True)
+        summary_file = write_run_file(config, "summary.json", json.dumps(summary, indent=2, default=str).encode())
+        print(f"[4/5] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)
         out = Path(summary["run"]) / "evaluation"
         out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
         print(markdown_table(per_class_rows(metrics)))
         headline = {k: round(metrics[k], 4) for k in ("accuracy", "macro_f1", "balanced_accuracy")}
         print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
+        predictions = Path(summary["run"]) / "predictions"
+        predicted = predict(summary["best_checkpoint"], source, str(predictions), overwrite=True, csv=True)
+        print(f"[5/5] predicted {predicted['predicted']} images of {source} ({predicted['unreadable']} unreadable)", flush=True)
+        print(f"summary: {summary_file}")
         print(f"evaluation (confusion matrix, metrics.json): {out}")
+        print(f"predictions: {', '.join(predicted['written'])}")
         print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     finally:
         if not was_running:

@@ -9,16 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from proco_ray.checkpoint import CheckpointError, load_checkpoint
 from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import config_from_dict
 from proco_ray.methods import build_method
+from proco_ray.metrics import (
+    confusion_matrix,
+    expected_calibration_error,
+    fit_temperature,
+    metrics_from_confusion,
+    reliability_bins,
+    roc_auc_one_vs_rest,
+)
 from proco_ray.pipeline import build_dataset, read_manifest
-from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix, write_csv
-from proco_ray.storage import is_s3, resolve
-from proco_ray.train_loop import evaluate
+from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
+from proco_ray.storage import is_s3, join, resolve, write_bytes
 
 
 @contextlib.contextmanager
@@ -34,8 +42,41 @@ def local_checkpoint(uri: str) -> Iterator[Path]:
         yield Path(directory)
 
 
-def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    """Metrics of a checkpoint on one split of a prepared dataset."""
+TEMPERATURE_FILE = "temperature.json"  # written beside checkpoint.pt by `evaluate --calibrate`, read by `predict --calibrated`
+
+
+@torch.no_grad()
+def split_logits(
+    model: torch.nn.Module, method: Any, dataset: Any, device: torch.device, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The method's test-time logits and the labels of every image of a split, in one process."""
+    model.eval()
+    logits, labels = [], []
+    for batch in dataset.iter_torch_batches(batch_size=batch_size):
+        logits.append(method.predict(model, batch["image"].to(device)).float().cpu())
+        labels.append(batch["label"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def probability_metrics(
+    logits: np.ndarray, labels: np.ndarray, class_names: list[str], temperature: float = 1.0
+) -> dict[str, Any]:
+    """One-vs-rest ROC-AUC per class and macro, ECE and the reliability bins of softmax(logits / T)."""
+    probs = torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
+    aucs = roc_auc_one_vs_rest(probs, labels)
+    return {
+        "roc_auc": {name: float(a) for name, a in zip(class_names, aucs)},
+        "macro_roc_auc": float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan"),
+        "ece": expected_calibration_error(probs, labels),
+        "reliability": reliability_bins(probs, labels),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint_uri: str, data_uri: str, split: str = "test", batch_size: int = 256, calibrate_on: str | None = None
+) -> dict[str, Any]:
+    """Metrics of a checkpoint on one split of a prepared dataset; with `calibrate_on`, also the temperature
+    fitted on that split and the ECE after scaling by it."""
     manifest = read_manifest(data_uri)
     with local_checkpoint(checkpoint_uri) as directory:
         state = load_checkpoint(directory)
@@ -44,6 +85,8 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, split: str = "test",
             f"the checkpoint was trained on classes {list(state['class_names'])}, the dataset at {data_uri} has "
             f"{manifest.classes}"
         )
+    if calibrate_on is not None and calibrate_on not in manifest.splits:
+        raise CheckpointError(f"cannot calibrate on split '{calibrate_on}': {data_uri} has {sorted(manifest.splits)}")
     config = config_from_dict(state["config"])
     method = build_method(config.method, config.model, manifest.num_classes, [1] * manifest.num_classes)
     model = method.build_model()
@@ -51,31 +94,59 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str, split: str = "test",
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     method.to(device)
-    dataset = build_dataset(data_uri, split, image_size=config.data.image_size, train=False)
-    metrics = evaluate(model, method, dataset.iter_torch_batches(batch_size=batch_size), device, manifest.classes)
+
+    def logits_of(name: str) -> tuple[np.ndarray, np.ndarray]:
+        dataset = build_dataset(data_uri, name, image_size=config.data.image_size, train=False)
+        return split_logits(model, method, dataset, device, batch_size)
+
+    logits, labels = logits_of(split)
+    metrics = metrics_from_confusion(confusion_matrix(labels, logits.argmax(axis=1), manifest.num_classes), manifest.classes)
+    metrics.update(probability_metrics(logits, labels, manifest.classes))
+    if calibrate_on is not None:
+        temperature = fit_temperature(*logits_of(calibrate_on))
+        calibrated = probability_metrics(logits, labels, manifest.classes, temperature)
+        metrics.update(temperature=temperature, calibrated_on=calibrate_on, ece_calibrated=calibrated["ece"])
+        metrics["reliability_calibrated"] = calibrated["reliability"]
     return {"checkpoint": checkpoint_uri, "data": data_uri, "split": split, "epoch": state["epoch"], **metrics}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
     parser.add_argument("--data", required=True, help="prepared dataset URI (local or s3://)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--out", default="eval", help="folder for the confusion-matrix PNG and the per-class tables")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
+    parser.add_argument(
+        "--calibrate",
+        nargs="?",
+        const="val",
+        metavar="SPLIT",
+        help="fit temperature scaling on SPLIT (default val), report ECE after it and save it beside the checkpoint "
+        f"({TEMPERATURE_FILE}, used by predict --calibrated)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     connect_or_start_ray()
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.calibrate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = per_class_rows(metrics)
-    plot_confusion_matrix(
-        metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", f"{args.split} split"
-    )
-    write_csv(rows, out / "per_class.csv")
+    written = [
+        plot_confusion_matrix(
+            metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", f"{args.split} split"
+        ),
+        plot_reliability(metrics["reliability"], out / "reliability.png", f"{args.split} split, ECE {metrics['ece']:.3f}"),
+        write_csv(rows, out / "per_class.csv"),
+    ]
     (out / "per_class.md").write_text(markdown_table(rows))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'confusion_matrix.png'}, {out / 'per_class.csv'}, {out / 'per_class.md'}")
+    written += [out / "per_class.md", out / "metrics.json"]
+    if args.calibrate:
+        temperature = {"temperature": metrics["temperature"], "fitted_on": f"{args.data} {args.calibrate}"}
+        written.append(write_bytes(join(args.checkpoint, TEMPERATURE_FILE), json.dumps(temperature, indent=2).encode()))
+    print(markdown_table(rows))
+    headline = ["accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc", "ece", "temperature", "ece_calibrated"]
+    print(" | ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics))
+    print("wrote " + ", ".join(str(w) for w in written))
     return 0

@@ -153,3 +153,90 @@ def metrics_from_confusion(cm: Any, class_names: Sequence[str] | None = None) ->
         "qwk": _qwk(cm),
         "class_names": names,
     }
+
+
+def _probabilities(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] < 2:
+        raise ValueError(f"probs must have shape (N, C) with N >= 1 and C >= 2, got {p.shape}")
+    y = _as_labels(labels, "labels", p.shape[1])
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"labels has {y.shape[0]} entries, probs has {p.shape[0]} rows")
+    return p, y
+
+
+def roc_auc_one_vs_rest(probs: Any, labels: Any) -> np.ndarray:
+    """Per-class ROC-AUC of probs[:, c] for class c against the rest (the ISIC 2018 challenge's AUC).
+
+    The Mann-Whitney statistic with tied scores counted as half, i.e. the area under the ROC curve with
+    ties interpolated, as scikit-learn's roc_auc_score; NaN for a class with no positive or no negative.
+    """
+    p, y = _probabilities(probs, labels)
+    aucs = np.full(p.shape[1], np.nan)
+    for c in range(p.shape[1]):
+        positive = y == c
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        order = np.argsort(p[:, c], kind="mergesort")
+        scores = p[order, c]
+        ranks = np.empty(len(scores))
+        start = 0
+        while start < len(scores):  # average ranks over runs of tied scores
+            end = start
+            while end + 1 < len(scores) and scores[end + 1] == scores[start]:
+                end += 1
+            ranks[start : end + 1] = (start + end) / 2 + 1
+            start = end + 1
+        rank_of = np.empty(len(scores))
+        rank_of[order] = ranks
+        aucs[c] = (rank_of[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return aucs
+
+
+def reliability_bins(probs: Any, labels: Any, bins: int = 15) -> list[dict[str, float]]:
+    """Per equal-width confidence bin (low, high] (the first includes 0): the count, mean top-class
+    confidence and accuracy of its samples; the reliability diagram's data."""
+    p, y = _probabilities(probs, labels)
+    confidence, correct = p.max(axis=1), (p.argmax(axis=1) == y)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else float("nan"),
+                "accuracy": float(correct[members].mean()) if count else float("nan"),
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, 15 bins): |accuracy - confidence| of each confidence bin, weighted by its share."""
+    rows = reliability_bins(probs, labels, bins)
+    total = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]))
+
+
+def fit_temperature(logits: Any, labels: Any, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T), by LBFGS on log T."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(_as_labels(labels, "labels", z.shape[1]), dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())

@@ -99,13 +99,16 @@ def preprocess_batch(
 class Predictor:
     """A Ray Data actor: loads the checkpoint once, returns class probabilities for each readable image."""
 
-    def __init__(self, checkpoint_uri: str, tta: bool) -> None:
+    def __init__(self, state: Any, tta: bool, temperature: float = 1.0) -> None:
+        """`state`: the loaded checkpoint, or an object ref to it (the driver reads the checkpoint once, so
+        the actors need no access to where it is stored)."""
+        import ray
+
         from proco_ray.config import config_from_dict
-        from proco_ray.evaluate import local_checkpoint
         from proco_ray.methods import build_method
 
-        with local_checkpoint(checkpoint_uri) as directory:
-            state = load_checkpoint(directory)
+        if isinstance(state, ray.ObjectRef):
+            state = ray.get(state)
         config = config_from_dict(state["config"])
         self.class_names = list(state["class_names"])
         self.method = build_method(config.method, config.model, len(self.class_names), [1] * len(self.class_names))
@@ -115,12 +118,14 @@ class Predictor:
         self.model.to(self.device).eval()
         self.method.to(self.device)
         self.tta = tta
+        self.temperature = temperature
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax of the method's logits; with TTA the mean over the image and its two flips."""
+        """Softmax of the method's logits / T; with TTA the mean over the image and its two flips."""
         views = [images, images.flip(-1), images.flip(-2)] if self.tta else [images]
-        return torch.stack([self.method.predict(self.model, v).float().softmax(dim=1) for v in views]).mean(0)
+        logits = [self.method.predict(self.model, v).float() / self.temperature for v in views]
+        return torch.stack([z.softmax(dim=1) for z in logits]).mean(0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         readable = batch["error"] == ""
@@ -175,6 +180,7 @@ def predict(
     overwrite: bool = False,
     csv: bool = False,
     actors: int | None = None,
+    calibrated: bool = False,
 ) -> dict[str, Any]:
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
@@ -185,6 +191,15 @@ def predict(
         state = load_checkpoint(directory)
     prep = preprocessing_of(state)
     class_names = list(state["class_names"])
+    temperature = 1.0
+    if calibrated:
+        from proco_ray.evaluate import TEMPERATURE_FILE
+
+        with storage_errors(checkpoint_uri):
+            saved = read_bytes(join(checkpoint_uri, TEMPERATURE_FILE))
+        if saved is None:
+            raise DataError(f"no {TEMPERATURE_FILE} in {checkpoint_uri}: fit one with proco-ray evaluate --calibrate")
+        temperature = float(json.loads(saved)["temperature"])
     if split is not None:
         manifest = read_manifest(input_uri)
         if split not in manifest.splits:
@@ -211,7 +226,9 @@ def predict(
         )
         .map_batches(
             Predictor,
-            fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, tta=tta),
+            fn_constructor_kwargs=dict(
+                state=ray.put({k: state[k] for k in ("config", "class_names", "model")}), tta=tta, temperature=temperature
+            ),
             batch_size=batch_size,
             concurrency=pool,
             num_gpus=1 if gpus else 0,
@@ -245,6 +262,7 @@ def predict(
         "predicted": predictions.num_rows,
         "unreadable": unreadable.num_rows,
         "tta": tta,
+        "temperature": temperature,
         "preprocessing": {"image_size": prep.image_size, "encoding": prep.encoding or "none (lossless)"},
         "written": written,
     }
@@ -258,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
     parser.add_argument("--tta", action="store_true", help="average the probabilities over the image and its two flips")
     parser.add_argument("--csv", action="store_true", help="also write predictions.csv")
+    parser.add_argument(
+        "--calibrated", action="store_true", help="divide the logits by the temperature evaluate --calibrate saved"
+    )
     parser.add_argument("--actors", type=int, help="model actors (default: one per GPU of the cluster, else 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace the predictions of an earlier predict in --output")
 
@@ -276,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         csv=args.csv,
         actors=args.actors,
+        calibrated=args.calibrated,
     )
     print(json.dumps(summary, indent=2))
     return 0

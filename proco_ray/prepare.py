@@ -386,7 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> N
         choices=MODES,
         default=defaults.split,
         help="paper: stratified 7:3 train/test with val carved from train; official: the source's "
-        "own splits; test: everything as an external test set (default: %(default)s)",
+        "own splits; official-val-as-test: the source's val as test and --val-fraction of its train as val "
+        "(MedMNIST files without their test split); test: everything as an external test set (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)

@@ -51,13 +51,42 @@ def plot_confusion_matrix(
     return _save(fig, path, dpi=120)
 
 
+def plot_reliability(bins: Sequence[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, the diagonal is calibrated."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    used = [b for b in bins if b["count"]]
+    ax.bar(
+        [b["low"] for b in used],
+        [b["accuracy"] for b in used],
+        width=[b["high"] - b["low"] for b in used],
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o", color="tab:red", label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path, dpi=120)
+
+
 def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
+    rows = [
         {"class": name, "support": support, "precision": p, "recall": r, "f1": f}
         for name, support, p, r, f in zip(
             metrics["class_names"], metrics["support"], metrics["precision"], metrics["recall"], metrics["f1"]
         )
     ]
+    for row in rows if "roc_auc" in metrics else []:
+        row["roc_auc"] = metrics["roc_auc"][row["class"]]
+    return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from proco_ray.errors import DataError
 
-MODES = ("paper", "official", "test")
+MODES = ("paper", "official", "official-val-as-test", "test")
 
 
 def group_labels(labels: Sequence[int], groups: Sequence[str]) -> dict[str, int]:
@@ -84,6 +84,35 @@ def official_split(official: Sequence[str | None], where: str) -> list[str]:
     return [str(s) for s in official]
 
 
+def val_as_test_split(
+    labels: Sequence[int],
+    groups: Sequence[str] | None,
+    official: Sequence[str],
+    *,
+    seed: int,
+    val_fraction: float,
+    where: str = "source",
+) -> list[str]:
+    """The source's official val split held out as test, and a stratified `val_fraction` of its train split
+    as val for model selection (MedMNIST files published without their test split: select on val, report test)."""
+    if set(official) != {"train", "val"}:
+        raise DataError(f"{where} has official splits {sorted(set(official))}; official-val-as-test needs exactly train and val")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must lie in (0, 1) to carve a val split from train, got {val_fraction}")
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
+    train = [i for i, s in enumerate(official) if s == "train"]
+    inner = assign_groups(
+        [labels[i] for i in train],
+        [groups[i] for i in train],
+        {"train": 1 - val_fraction, "val": val_fraction},
+        np.random.default_rng([seed, 1]),
+    )
+    out = ["test" if s == "val" else s for s in official]
+    for i, split in zip(train, inner):
+        out[i] = split
+    return out
+
+
 def make_split(
     mode: str,
     labels: Sequence[int],
@@ -95,11 +124,16 @@ def make_split(
     val_fraction: float,
     where: str = "source",
 ) -> list[str]:
-    """One split name per image for a mode: 'paper', 'official' or 'test' (all images as an external test set)."""
+    """One split name per image for a mode: 'paper', 'official', 'official-val-as-test' or 'test' (all
+    images as an external test set)."""
     if mode == "paper":
         return paper_split(labels, groups, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction)
     if mode == "official":
         return official_split(official, where)
+    if mode == "official-val-as-test":
+        return val_as_test_split(
+            labels, groups, official_split(official, where), seed=seed, val_fraction=val_fraction, where=where
+        )
     if mode == "test":
         return ["test"] * len(labels)
     raise DataError(f"unknown split mode '{mode}'; choose one of {list(MODES)}")

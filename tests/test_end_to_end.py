@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from proco_ray.cli import main
@@ -45,13 +46,41 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     assert any(info.size for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     out = tmp_path / "eval"
     assert (
-        main(["evaluate", "--checkpoint", summary["best_checkpoint"], "--data", uri, "--split", "test", "--out", str(out)]) == 0
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                summary["best_checkpoint"],
+                "--data",
+                uri,
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--calibrate",
+            ]
+        )
+        == 0
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert sum(metrics["support"]) == read_manifest(uri).num_rows("test")
     assert metrics["class_names"] == ["class_0", "class_1", "class_2"]
-    assert (out / "confusion_matrix.png").stat().st_size > 1000
-    assert (out / "per_class.csv").read_text().startswith("class,support,precision,recall,f1")
+    assert (out / "confusion_matrix.png").stat().st_size > 1000 and (out / "reliability.png").stat().st_size > 1000
+    assert (out / "per_class.csv").read_text().startswith("class,support,precision,recall,f1,roc_auc")
+    assert set(metrics["roc_auc"]) == set(metrics["class_names"]) and 0 <= metrics["ece"] <= 1
+    assert metrics["temperature"] > 0 and metrics["calibrated_on"] == "val" and 0 <= metrics["ece_calibrated"] <= 1
+    predictions = tmp_path / "predictions"
+    args = [
+        "predict",
+        "--checkpoint",
+        summary["best_checkpoint"],
+        "--input",
+        str(prepared / "source"),
+        "--output",
+        str(predictions),
+    ]
+    assert main([*args, "--calibrated"]) == 0  # the temperature evaluate saved beside the checkpoint on S3
+    assert pq.read_table(predictions / "predictions.parquet").num_rows == 64
 
 
 def test_bad_data_settings_are_refused_before_training(ray_local, prepared, tmp_path):

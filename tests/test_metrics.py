@@ -113,3 +113,47 @@ def test_confusion_matrix_rows_are_true_labels():
 def test_bad_inputs_raise_value_error_naming_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_roc_auc_one_vs_rest_matches_sklearn_with_ties_and_absent_classes():
+    from proco_ray.metrics import roc_auc_one_vs_rest
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    probs = rng.dirichlet(np.ones(4), 200).round(2)  # rounding makes ties; class 3 never occurs
+    aucs = roc_auc_one_vs_rest(probs, labels)
+    for c in range(3):
+        assert aucs[c] == pytest.approx(skm.roc_auc_score(labels == c, probs[:, c]), abs=1e-12)
+    assert math.isnan(aucs[3])
+
+
+def test_ece_and_reliability_bins_against_a_loop():
+    from proco_ray.metrics import expected_calibration_error, reliability_bins
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 500)
+    probs = rng.dirichlet(np.ones(3) * 0.5, 500)
+    bins = 10
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        conf = probs.max(1)
+        members = [i for i in range(500) if (low < conf[i] <= high) or (b == 0 and conf[i] <= high)]
+        if members:
+            acc = np.mean([probs[i].argmax() == labels[i] for i in members])
+            ece += len(members) / 500 * abs(acc - np.mean([conf[i] for i in members]))
+    assert expected_calibration_error(probs, labels, bins) == pytest.approx(ece, abs=1e-12)
+    assert sum(r["count"] for r in reliability_bins(probs, labels, bins)) == 500
+    perfect = np.eye(3)[labels]
+    assert expected_calibration_error(perfect, labels) == 0.0
+
+
+def test_temperature_scaling_recovers_the_temperature_that_generated_the_labels():
+    from proco_ray.metrics import fit_temperature
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (4000, 5))
+    true_t = 2.5
+    p = torch.softmax(torch.as_tensor(logits) / true_t, dim=1).numpy()
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)

@@ -245,3 +245,17 @@ def test_storage_timeouts_come_from_the_environment(tmp_path):
     assert (settings.connect_timeout_s, settings.request_timeout_s, settings.max_attempts) == (1.5, 7.0, 2)
     with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS must be a positive int, got 'many'"):
         aws_settings({"AWS_MAX_ATTEMPTS": "many"}, tmp_path)
+
+
+def test_official_val_held_out_as_test_with_val_carved_from_train():
+    from proco_ray.splits import make_split
+
+    labels = [0] * 60 + [1] * 20 + [0] * 10 + [1] * 5
+    official = ["train"] * 80 + ["val"] * 15
+    kwargs = dict(seed=0, test_fraction=0.3, val_fraction=0.25)
+    splits = make_split("official-val-as-test", labels, None, official, **kwargs)
+    assert splits[80:] == ["test"] * 15
+    carved = Counter(labels[i] for i in range(80) if splits[i] == "val")
+    assert carved == {0: 15, 1: 5} and splits == make_split("official-val-as-test", labels, None, official, **kwargs)
+    with pytest.raises(DataError, match="needs exactly train and val"):
+        make_split("official-val-as-test", labels, None, ["train"] * 80 + ["test"] * 15, **kwargs)
