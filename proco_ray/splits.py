@@ -65,7 +65,15 @@ def paper_split(
         raise DataError(f"fractions must lie in [0, 1): test {test_fraction}, val {val_fraction}")
     groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
     outer = assign_groups(labels, groups, {"train": 1 - test_fraction, "test": test_fraction}, np.random.default_rng([seed, 0]))
-    train = [i for i, s in enumerate(outer) if s == "train"]
+    return carve_val(outer, labels, groups, seed=seed, val_fraction=val_fraction)
+
+
+def carve_val(
+    splits: Sequence[str], labels: Sequence[int], groups: Sequence[str], *, seed: int, val_fraction: float
+) -> list[str]:
+    """A stratified, group-aware `val_fraction` of the images in the train split moved to val."""
+    out = list(splits)
+    train = [i for i, s in enumerate(out) if s == "train"]
     inner = assign_groups(
         [labels[i] for i in train],
         [groups[i] for i in train],
@@ -73,8 +81,8 @@ def paper_split(
         np.random.default_rng([seed, 1]),
     )
     for i, split in zip(train, inner):
-        outer[i] = split
-    return outer
+        out[i] = split
+    return out
 
 
 def official_split(official: Sequence[str | None], where: str) -> list[str]:
@@ -100,17 +108,7 @@ def val_as_test_split(
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must lie in (0, 1) to carve a val split from train, got {val_fraction}")
     groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
-    train = [i for i, s in enumerate(official) if s == "train"]
-    inner = assign_groups(
-        [labels[i] for i in train],
-        [groups[i] for i in train],
-        {"train": 1 - val_fraction, "val": val_fraction},
-        np.random.default_rng([seed, 1]),
-    )
-    out = ["test" if s == "val" else s for s in official]
-    for i, split in zip(train, inner):
-        out[i] = split
-    return out
+    return carve_val(["test" if s == "val" else s for s in official], labels, groups, seed=seed, val_fraction=val_fraction)
 
 
 def make_split(
