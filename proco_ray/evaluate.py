@@ -17,8 +17,8 @@ from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import config_from_dict
 from proco_ray.methods import build_method
 from proco_ray.metrics import (
+    calibration_error_of_bins,
     confusion_matrix,
-    expected_calibration_error,
     fit_temperature,
     metrics_from_confusion,
     reliability_bins,
@@ -42,6 +42,25 @@ def local_checkpoint(uri: str) -> Iterator[Path]:
         yield Path(directory)
 
 
+def read_checkpoint(uri: str) -> dict[str, Any]:
+    """A checkpoint's state (local or s3://), checked by load_checkpoint."""
+    with local_checkpoint(uri) as directory:
+        return load_checkpoint(directory)
+
+
+def restore_model(state: dict[str, Any]) -> tuple[Any, torch.nn.Module, torch.device]:
+    """(method, network with the checkpoint's weights, device) ready for inference: CUDA when there is one."""
+    config = config_from_dict(state["config"])
+    classes = len(state["class_names"])
+    method = build_method(config.method, config.model, classes, [1] * classes)
+    model = method.build_model()
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    method.to(device)
+    return method, model, device
+
+
 TEMPERATURE_FILE = "temperature.json"  # written beside checkpoint.pt by `evaluate --calibrate`, read by `predict --calibrated`
 
 
@@ -58,17 +77,21 @@ def split_logits(
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def probability_metrics(
-    logits: np.ndarray, labels: np.ndarray, class_names: list[str], temperature: float = 1.0
-) -> dict[str, Any]:
-    """One-vs-rest ROC-AUC per class and macro, ECE and the reliability bins of softmax(logits / T)."""
+def calibration(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict[str, Any]:
+    """ECE and the reliability bins of softmax(logits / T)."""
     probs = torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
-    aucs = roc_auc_one_vs_rest(probs, labels)
+    bins = reliability_bins(probs, labels)
+    return {"ece": calibration_error_of_bins(bins), "reliability": bins}
+
+
+def probability_metrics(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """One-vs-rest ROC-AUC per class and macro (of the softmax; a temperature would not change it), ECE and
+    the reliability bins."""
+    aucs = roc_auc_one_vs_rest(torch.softmax(torch.as_tensor(logits), dim=1).numpy(), labels)
     return {
         "roc_auc": {name: float(a) for name, a in zip(class_names, aucs)},
         "macro_roc_auc": float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan"),
-        "ece": expected_calibration_error(probs, labels),
-        "reliability": reliability_bins(probs, labels),
+        **calibration(logits, labels),
     }
 
 
@@ -78,8 +101,7 @@ def evaluate_checkpoint(
     """Metrics of a checkpoint on one split of a prepared dataset; with `calibrate_on`, also the temperature
     fitted on that split and the ECE after scaling by it."""
     manifest = read_manifest(data_uri)
-    with local_checkpoint(checkpoint_uri) as directory:
-        state = load_checkpoint(directory)
+    state = read_checkpoint(checkpoint_uri)
     if list(state["class_names"]) != manifest.classes:
         raise CheckpointError(
             f"the checkpoint was trained on classes {list(state['class_names'])}, the dataset at {data_uri} has "
@@ -87,16 +109,11 @@ def evaluate_checkpoint(
         )
     if calibrate_on is not None and calibrate_on not in manifest.splits:
         raise CheckpointError(f"cannot calibrate on split '{calibrate_on}': {data_uri} has {sorted(manifest.splits)}")
-    config = config_from_dict(state["config"])
-    method = build_method(config.method, config.model, manifest.num_classes, [1] * manifest.num_classes)
-    model = method.build_model()
-    model.load_state_dict(state["model"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    method.to(device)
+    method, model, device = restore_model(state)
+    image_size = int(state["config"]["data"]["image_size"])
 
     def logits_of(name: str) -> tuple[np.ndarray, np.ndarray]:
-        dataset = build_dataset(data_uri, name, image_size=config.data.image_size, train=False)
+        dataset = build_dataset(data_uri, name, image_size=image_size, train=False)
         return split_logits(model, method, dataset, device, batch_size)
 
     logits, labels = logits_of(split)
@@ -104,7 +121,7 @@ def evaluate_checkpoint(
     metrics.update(probability_metrics(logits, labels, manifest.classes))
     if calibrate_on is not None:
         temperature = fit_temperature(*logits_of(calibrate_on))
-        calibrated = probability_metrics(logits, labels, manifest.classes, temperature)
+        calibrated = calibration(logits, labels, temperature)
         metrics.update(temperature=temperature, calibrated_on=calibrate_on, ece_calibrated=calibrated["ece"])
         metrics["reliability_calibrated"] = calibrated["reliability"]
     return {"checkpoint": checkpoint_uri, "data": data_uri, "split": split, "epoch": state["epoch"], **metrics}

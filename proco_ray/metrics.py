@@ -218,7 +218,11 @@ def reliability_bins(probs: Any, labels: Any, bins: int = 15) -> list[dict[str, 
 
 def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> float:
     """ECE (Guo et al. 2017, 15 bins): |accuracy - confidence| of each confidence bin, weighted by its share."""
-    rows = reliability_bins(probs, labels, bins)
+    return calibration_error_of_bins(reliability_bins(probs, labels, bins))
+
+
+def calibration_error_of_bins(rows: Sequence[dict[str, float]]) -> float:
+    """The ECE of reliability_bins' rows."""
     total = sum(r["count"] for r in rows)
     return float(sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]))
 

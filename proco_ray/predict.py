@@ -10,7 +10,6 @@ unreadable.csv with the reason and do not stop the run.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -24,11 +23,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from proco_ray.checkpoint import load_checkpoint
 from proco_ray.errors import DataError
 from proco_ray.pipeline import MANIFEST, load_split, read_manifest
-from proco_ray.prepare import encode_image
-from proco_ray.storage import ensure_bucket, join, list_files, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.prepare import reencode
+from proco_ray.storage import claim_output, join, list_files, read_bytes, resolve, storage_errors, write_bytes
 from proco_ray.transforms import decode, eval_view, normalize_batch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -73,27 +71,17 @@ def preprocess_batch(
             with filesystem.open_input_stream(path) as stream:
                 data = stream.read()
         try:
-            if prepared:
-                image = decode(data)
-            else:
-                from PIL import Image
-
-                raw = Image.open(io.BytesIO(data))
-                raw.load()
-                image = decode(encode_image(raw, prep.image_size, prep.encoding or "png", prep.quality))
-            images.append(view(image))
+            stored = data if prepared else reencode(data, prep.image_size, prep.encoding or "png", prep.quality)
+            images.append(view(decode(stored)))
             errors.append("")
         except Exception as error:  # any failure to decode the bytes read means a bad image
             images.append(None)
             errors.append(f"{type(error).__name__}: {error}")
-    blank = np.zeros((3, prep.image_size, prep.image_size), dtype=np.float32)
-    good = [image for image in images if image is not None]
-    pixels = iter(normalize_batch(good)) if good else iter(())
-    return {
-        "path": np.asarray(batch["path"], dtype=object),
-        "image": np.stack([next(pixels) if image is not None else blank for image in images]),
-        "error": np.asarray(errors, dtype=object),
-    }
+    pixels = np.zeros((len(images), 3, prep.image_size, prep.image_size), dtype=np.float32)
+    readable = [i for i, image in enumerate(images) if image is not None]
+    if readable:
+        pixels[readable] = normalize_batch([images[i] for i in readable])
+    return {"path": np.asarray(batch["path"], dtype=object), "image": pixels, "error": np.asarray(errors, dtype=object)}
 
 
 class Predictor:
@@ -104,19 +92,12 @@ class Predictor:
         the actors need no access to where it is stored)."""
         import ray
 
-        from proco_ray.config import config_from_dict
-        from proco_ray.methods import build_method
+        from proco_ray.evaluate import restore_model
 
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
-        config = config_from_dict(state["config"])
         self.class_names = list(state["class_names"])
-        self.method = build_method(config.method, config.model, len(self.class_names), [1] * len(self.class_names))
-        self.model = self.method.build_model()
-        self.model.load_state_dict(state["model"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
-        self.method.to(self.device)
+        self.method, self.model, self.device = restore_model(state)
         self.tta = tta
         self.temperature = temperature
 
@@ -152,21 +133,14 @@ def list_images(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def check_output(uri: str, overwrite: bool) -> tuple[pafs.FileSystem, str, bool]:
-    """Refuse an output holding files unless --overwrite and the files are a previous predict's own.
-
-    Returns (filesystem, path, whether earlier predictions are to be replaced once the new ones exist).
-    """
+    """Refuse an output holding files unless --overwrite and they are a previous predict's own; returns
+    (filesystem, path, whether earlier predictions are to be replaced once the new ones exist)."""
     fs, path = resolve(uri)
-    with storage_errors(uri):
-        ensure_bucket(fs, path)
-        existing = list_files(fs, path)
-        if existing and not overwrite:
-            raise DataError(f"output {uri} already holds {len(existing)} file(s); pass --overwrite to replace predictions")
-        if existing and join(path, MARKER) not in {f.path for f in existing}:
-            raise DataError(
-                f"output {uri} holds files that proco-ray predict did not write (no {MARKER}); choose a new or empty output"
-            )
-    return fs, path, bool(existing)
+
+    def describe(names: set[str]) -> str:
+        return "an earlier predict's predictions" if join(path, MARKER) in names else "files"
+
+    return fs, path, claim_output(fs, path, uri, overwrite, "predict", [MARKER], describe)
 
 
 def predict(
@@ -185,10 +159,9 @@ def predict(
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
 
-    from proco_ray.evaluate import local_checkpoint
+    from proco_ray.evaluate import read_checkpoint
 
-    with local_checkpoint(checkpoint_uri) as directory:
-        state = load_checkpoint(directory)
+    state = read_checkpoint(checkpoint_uri)
     prep = preprocessing_of(state)
     class_names = list(state["class_names"])
     temperature = 1.0

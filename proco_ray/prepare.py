@@ -30,7 +30,7 @@ import proco_ray
 from proco_ray.errors import DataError
 from proco_ray.sources import KINDS, Source, listing, read_source
 from proco_ray.splits import MODES, make_split, split_counts
-from proco_ray.storage import ensure_bucket, is_s3, join, list_files, resolve, storage_errors, write_bytes
+from proco_ray.storage import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "proco-ray-shards/1"
@@ -69,6 +69,15 @@ def encode_image(image: Any, size: int, encoding: str, quality: int) -> bytes:
     return out.getvalue()
 
 
+def reencode(data: bytes, size: int, encoding: str, quality: int) -> bytes:
+    """An image file's bytes as prepare stores them (decoded, squashed to size x size, encoded); raises on a bad image."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return encode_image(image, size, encoding, quality)
+
+
 def encode_batch(
     batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem, size: int, encoding: str, quality: int
 ) -> pa.Table:
@@ -86,11 +95,11 @@ def encode_batch(
                 data = stream.read()
         try:
             if data is None:
-                image = Image.fromarray(np.ascontiguousarray(batch["pixels"][i]).squeeze())
+                images.append(
+                    encode_image(Image.fromarray(np.ascontiguousarray(batch["pixels"][i]).squeeze()), size, encoding, quality)
+                )
             else:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            images.append(encode_image(image, size, encoding, quality))
+                images.append(reencode(data, size, encoding, quality))
             errors.append("")
         except Exception as error:  # any failure to decode in-memory bytes means a bad image
             images.append(b"")
@@ -125,28 +134,17 @@ def check_disjoint(output_uri: str, out: str, *inputs: str | None) -> None:
 
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> bool:
-    """Reach the output (creating a missing bucket) and refuse one that holds data unless overwriting a
-    previous prepare's own output (its manifest or its marker is there): --overwrite never deletes
-    files that prepare did not write.
+    """Refuse an output that holds data unless overwriting a previous prepare's own output (its manifest or
+    its marker is there); returns whether there is something to clear."""
 
-    Returns whether there is something to clear.
-    """
-    with storage_errors(uri):
-        ensure_bucket(fs, path)
-        existing = list_files(fs, path)
-    if not existing:
-        return False
-    names = {f.path for f in existing}
-    has_manifest = join(path, MANIFEST) in names
-    if not overwrite:
-        what = "a prepared dataset" if has_manifest else "files from an incomplete or foreign run (no manifest.json)"
-        raise DataError(f"output {uri} already holds {what} ({len(existing)} files); pass --overwrite to replace it")
-    if not has_manifest and join(path, MARKER) not in names:
-        raise DataError(
-            f"output {uri} holds {len(existing)} file(s) that proco-ray prepare did not write (no {MANIFEST} or "
-            f"{MARKER}); --overwrite only replaces a previous prepare's output, so choose a new or empty output"
+    def describe(names: set[str]) -> str:
+        return (
+            "a prepared dataset"
+            if join(path, MANIFEST) in names
+            else "files from an incomplete or foreign run (no manifest.json)"
         )
-    return True
+
+    return claim_output(fs, path, uri, overwrite, "prepare", [MANIFEST, MARKER], describe)
 
 
 def clear_output(fs: pafs.FileSystem, path: str, uri: str) -> None:

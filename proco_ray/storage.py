@@ -20,13 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from proco_ray.errors import StorageError
+from proco_ray.errors import DataError, StorageError
 
 DEFAULT_DIR = Path(".proco_ray") / "storage"
 DEFAULT_PORT = 8333
@@ -187,6 +187,38 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
         return [info]
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     return [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def claim_output(
+    fs: pafs.FileSystem,
+    path: str,
+    uri: str,
+    overwrite: bool,
+    command: str,
+    marks: Sequence[str],
+    describe: Callable[[set[str]], str],
+) -> bool:
+    """Reach an output (creating a missing bucket) and refuse one that holds files unless --overwrite and one
+    of `marks` (names of files only `command` writes) is among them, so --overwrite never
+    deletes what `command` did not write. `describe(names)` says what the files are.
+
+    Returns whether there is something to clear.
+    """
+    with storage_errors(uri):
+        ensure_bucket(fs, path)
+        existing = list_files(fs, path)
+    if not existing:
+        return False
+    names = {f.path for f in existing}
+    if not overwrite:
+        raise DataError(f"output {uri} already holds {describe(names)} ({len(existing)} files); pass --overwrite to replace it")
+    if not any(join(path, mark) in names for mark in marks):
+        raise DataError(
+            f"output {uri} holds {len(existing)} file(s) that proco-ray {command} did not write (no "
+            f"{' or '.join(marks)}); --overwrite only replaces a previous {command}'s "
+            f"output, so choose a new or empty output"
+        )
+    return True
 
 
 def read_bytes(uri: str) -> bytes | None:
