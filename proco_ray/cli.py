@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
     "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
     "predict": ("proco_ray.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
+    "export": ("proco_ray.export", "a checkpoint's classifier as a torch.export program that loads without this package"),
     "tune": ("proco_ray.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
     "local-sweep": ("proco_ray.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
 }

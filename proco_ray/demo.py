@@ -3,7 +3,8 @@
 Local S3 (SeaweedFS) up -> prepare a long-tailed dataset into it -> ProCo on a
 local Ray with 2 CPU workers (TorchTrainer, Ray Data) -> evaluate the best
 checkpoint on the test split -> predict the source images with it (Ray Data batch
-inference) -> print the metrics and where everything is.
+inference) and export it as a program that loads without this package -> print the metrics and
+where everything is.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import load_config
 from proco_ray.evaluate import evaluate_checkpoint
+from proco_ray.export import export
 from proco_ray.predict import predict
 from proco_ray.prepare import PrepareOptions, prepare
 from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix
@@ -71,10 +73,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
         predictions = Path(summary["run"]) / "predictions"
         predicted = predict(summary["best_checkpoint"], source, str(predictions), overwrite=True, csv=True)
-        print(f"[5/5] predicted {predicted['predicted']} images of {source} ({predicted['unreadable']} unreadable)", flush=True)
+        exported = export(summary["best_checkpoint"], str(Path(summary["run"]) / "exported"), overwrite=True)
+        print(
+            f"[5/5] predicted {predicted['predicted']} images of {source} ({predicted['unreadable']} unreadable) "
+            "and exported the classifier",
+            flush=True,
+        )
         print(f"summary: {summary_file}")
         print(f"evaluation (confusion matrix, metrics.json): {out}")
         print(f"predictions: {', '.join(predicted['written'])}")
+        print(f"exported model (loads with torch alone): {', '.join(exported['written'])}")
         print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     finally:
         if not was_running:

@@ -26,7 +26,7 @@ from proco_ray.metrics import (
 )
 from proco_ray.pipeline import build_dataset, read_manifest
 from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
-from proco_ray.storage import is_s3, join, resolve, write_bytes
+from proco_ray.storage import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 
 @contextlib.contextmanager
@@ -48,20 +48,28 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
         return load_checkpoint(directory)
 
 
-def restore_model(state: dict[str, Any]) -> tuple[Any, torch.nn.Module, torch.device]:
-    """(method, network with the checkpoint's weights, device) ready for inference: CUDA when there is one."""
+def restore_model(state: dict[str, Any], device: torch.device | None = None) -> tuple[Any, torch.nn.Module, torch.device]:
+    """(method, network with the checkpoint's weights, device) ready for inference on `device` (default: CUDA
+    when there is one)."""
     config = config_from_dict(state["config"])
     classes = len(state["class_names"])
     method = build_method(config.method, config.model, classes, [1] * classes)
     model = method.build_model()
     model.load_state_dict(state["model"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     method.to(device)
     return method, model, device
 
 
 TEMPERATURE_FILE = "temperature.json"  # written beside checkpoint.pt by `evaluate --calibrate`, read by `predict --calibrated`
+
+
+def saved_temperature(checkpoint_uri: str) -> float | None:
+    """The temperature `evaluate --calibrate` saved beside the checkpoint, or None when it was never fitted."""
+    with storage_errors(checkpoint_uri):
+        saved = read_bytes(join(checkpoint_uri, TEMPERATURE_FILE))
+    return None if saved is None else float(json.loads(saved)["temperature"])
 
 
 @torch.no_grad()

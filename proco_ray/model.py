@@ -144,6 +144,10 @@ class ProCoNetwork(nn.Module):
         _, z = self.encoder_q(images)
         return z @ self.prototypes.T
 
+    def inference_network(self) -> nn.Module:
+        """What `classify` uses and nothing else (no key encoder, G head or queue): the module to export."""
+        return PrototypeClassifier(self.encoder_q.backbone, self.encoder_q.head_f, self.prototypes)
+
     @torch.no_grad()
     def encode_keys(self, view_k: Tensor) -> tuple[Tensor, Tensor]:
         if self.shuffle_keys:
@@ -161,6 +165,19 @@ class ProCoNetwork(nn.Module):
             out["k"] = k
             out["key_preds"] = (z_k @ self.prototypes.detach().T).argmax(dim=1)
         return out
+
+
+class PrototypeClassifier(nn.Module):
+    """ProCo at test time: backbone, F, and the logits z . p_c against the prototypes."""
+
+    def __init__(self, backbone: nn.Module, head_f: nn.Module, prototypes: Tensor) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        self.head_f = copy.deepcopy(head_f)
+        self.prototypes = nn.Parameter(prototypes.detach().clone(), requires_grad=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head_f(self.backbone(images)) @ self.prototypes.T
 
 
 class CosineLinear(nn.Module):
@@ -201,6 +218,10 @@ class Classifier(nn.Module):
 
     def classify(self, images: Tensor) -> Tensor:
         return self.fc(self.backbone(images))
+
+    def inference_network(self) -> nn.Module:
+        """What `classify` uses (no projection head): the module to export."""
+        return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.fc))
 
     def forward(self, images: Tensor, project: bool = False) -> Tensor:
         h = self.backbone(images)

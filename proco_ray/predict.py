@@ -166,13 +166,11 @@ def predict(
     class_names = list(state["class_names"])
     temperature = 1.0
     if calibrated:
-        from proco_ray.evaluate import TEMPERATURE_FILE
+        from proco_ray.evaluate import TEMPERATURE_FILE, saved_temperature
 
-        with storage_errors(checkpoint_uri):
-            saved = read_bytes(join(checkpoint_uri, TEMPERATURE_FILE))
-        if saved is None:
+        temperature = saved_temperature(checkpoint_uri)
+        if temperature is None:
             raise DataError(f"no {TEMPERATURE_FILE} in {checkpoint_uri}: fit one with proco-ray evaluate --calibrate")
-        temperature = float(json.loads(saved)["temperature"])
     if split is not None:
         manifest = read_manifest(input_uri)
         if split not in manifest.splits:

@@ -1,22 +1,30 @@
-"""`proco-ray predict`: Ray Data batch inference on a folder of images and on a prepared split, on a local Ray."""
+"""`proco-ray predict` (Ray Data batch inference on a folder of images and on a prepared split, on a local Ray)
+and `proco-ray export` (a program that loads without this package and predicts what predict does)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from proco_ray.checkpoint import save_checkpoint
 from proco_ray.cli import main
 from proco_ray.config import load_config
 from proco_ray.errors import DataError
+from proco_ray.evaluate import read_checkpoint, restore_model
+from proco_ray.export import export, export_program, inference_module
 from proco_ray.methods import build_method
-from proco_ray.predict import predict
-from proco_ray.prepare import PrepareOptions, prepare
+from proco_ray.predict import predict, preprocessing_of
+from proco_ray.prepare import PrepareOptions, prepare, reencode
+from proco_ray.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, eval_view, normalize_batch
 
 TINY = Path(__file__).parent / "tiny.yaml"
 SIZE = 16
@@ -91,3 +99,121 @@ def test_cli_refuses_a_foreign_output_and_an_input_without_images(trained, tmp_p
         main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(empty), "--output", str(tmp_path / "o")]) == 1
     )
     assert "no image files" in capsys.readouterr().err
+
+
+# Loads the exported program with torch alone: any import of proco_ray fails in this process.
+LOAD_WITHOUT_PACKAGE = """
+import sys
+import numpy as np
+import torch
+
+class NoProcoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'proco_ray':
+            raise ImportError('proco_ray is blocked here: the export must not need it')
+
+sys.meta_path.insert(0, NoProcoRay())
+program = torch.export.load(sys.argv[1]).module()
+images = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.save(sys.argv[3], torch.softmax(program(images) / float(sys.argv[4]), dim=1).numpy())
+"""
+
+
+def unit_range_images(paths: list[Path], state: dict) -> np.ndarray:
+    """The exported program's input as model.json describes it: prepare's squash and encoding, the eval view,
+    ToTensor's [0, 1] RGB."""
+    prep = preprocessing_of(state)
+    view = eval_view(prep.image_size)
+    images = [view(decode(reencode(p.read_bytes(), prep.image_size, prep.encoding, prep.quality))) for p in paths]
+    return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images]).transpose(0, 3, 1, 2).copy()
+
+
+def test_exported_program_predicts_what_the_ray_path_predicts_without_the_package(trained, tmp_path):
+    """predict's Ray Data path and the exported program, loaded in a process that cannot import proco_ray, give the
+    same probabilities for the same image files (calibrated ones, with the temperature model.json carries)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained["checkpoint"], checkpoint)
+    (checkpoint / "temperature.json").write_text(json.dumps({"temperature": 1.7}))
+    summary = export(str(checkpoint), str(tmp_path / "exported"))
+    info = json.loads((tmp_path / "exported" / "model.json").read_text())
+    assert summary["written"] == [str(tmp_path / "exported" / "model.pt2"), str(tmp_path / "exported" / "model.json")]
+    assert info["class_names"] == ["common", "rare", "scarce"] and info["input"]["shape"] == ["batch", 3, SIZE, SIZE]
+    assert (info["temperature"], info["calibrated"], info["method"]) == (1.7, True, "proco")
+    assert info["config"]["data"]["image_size"] == SIZE and info["input"]["normalization"]["applied"] == "inside the program"
+
+    predict(str(checkpoint), str(trained["images"]), str(tmp_path / "ray"), calibrated=True)
+    rows = pq.read_table(tmp_path / "ray" / "predictions.parquet").to_pylist()
+    paths = [Path(row["path"]) for row in rows]
+    np.save(tmp_path / "images.npy", unit_range_images(paths, read_checkpoint(str(checkpoint))))
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_PACKAGE,
+            str(tmp_path / "exported" / "model.pt2"),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "probs.npy"),
+            str(info["temperature"]),
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    exported = np.load(tmp_path / "probs.npy")
+    ray_path = np.asarray([[row[f"prob_{c}"] for c in info["class_names"]] for row in rows])
+    assert exported.shape == (22, 3) and exported.std(axis=0).max() > 1e-4  # the images get different probabilities
+    np.testing.assert_allclose(exported, ray_path, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["proco", "ce", "ldam_drw", "cl_resample"])
+def test_exported_program_equals_the_checkpoints_classifier(method_name):
+    """Every network kind exports to a program whose logits are the method's test-time logits, for any batch size."""
+    config = load_config(TINY, [f"method.name={method_name}"])
+    method = build_method(config.method, config.model, 3, [5, 2, 1])
+    model = method.build_model().eval()
+    state = {"config": config.to_dict(), "class_names": ["a", "b", "c"], "model": model.state_dict()}
+    program = export_program(inference_module(state), SIZE).module()
+    _, restored, _ = restore_model(state, device=torch.device("cpu"))
+    unit = torch.rand(7, 3, SIZE, SIZE)
+    normalised = (unit - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = method.predict(restored, normalised)
+        for batch in (1, 7):
+            torch.testing.assert_close(program(unit[:batch]), expected[:batch], atol=1e-5, rtol=1e-4)
+
+
+def test_export_on_real_isic_images_equals_the_checkpoint(trained, shared_data, tmp_path):
+    """On real dermoscopy images (ISIC 2018), the exported program's probabilities equal the checkpoint's."""
+    images = sorted((shared_data / "isic2018" / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:12]
+    state = read_checkpoint(str(trained["checkpoint"]))
+    export(str(trained["checkpoint"]), str(tmp_path / "exported"))
+    program = torch.export.load(str(tmp_path / "exported" / "model.pt2")).module()
+    method, model, _ = restore_model(state, device=torch.device("cpu"))
+    unit = unit_range_images(images, state)
+    prep = preprocessing_of(state)
+    view = eval_view(prep.image_size)
+    normalised = normalize_batch(
+        [view(decode(reencode(p.read_bytes(), prep.image_size, prep.encoding, prep.quality))) for p in images]
+    )
+    with torch.no_grad():
+        expected = method.predict(model, torch.from_numpy(normalised)).softmax(1)
+        exported = program(torch.from_numpy(unit)).softmax(1)
+    assert exported.shape == (len(images), 3)
+    torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_export_refuses_an_occupied_output_and_replaces_only_its_own(trained, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--out", str(out)]) == 1
+    assert "already holds an exported model" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--out", str(out), "--overwrite"]) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--out", str(foreign), "--overwrite"]) == 1
+    assert "did not write" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
+    assert "no checkpoint.pt" in capsys.readouterr().err and not (tmp_path / "x").exists()

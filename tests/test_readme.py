@@ -40,7 +40,7 @@ def parse(command: str) -> argparse.Namespace:
 
 def test_the_readme_shows_the_main_steps():
     shown = {c.split()[1] for c in readme_commands()}
-    assert {"storage", "prepare", "train", "evaluate", "tune", "local-sweep"} <= shown
+    assert {"storage", "prepare", "train", "evaluate", "predict", "export", "tune", "local-sweep"} <= shown
 
 
 @pytest.mark.parametrize("command", readme_commands())
