@@ -198,13 +198,16 @@ class RowOrder:
     rows: int
     num_classes: int
     seed_config: Any = None
+    first_epoch: int = 0
 
     def epoch_key(self, data_context: Any) -> list[int]:
-        """(seed, execution index): the same in every task of one epoch, different in the next epoch."""
+        """(seed, epoch): the same in every task of one epoch, different in the next epoch. The epoch is
+        `first_epoch` plus the dataset's execution index (one execution per epoch), so a dataset built for a
+        run resumed after `first_epoch` epochs visits the rows in the order the uninterrupted run would."""
         if self.seed_config is None:
             return [0, 0]
         seed = self.seed_config.get_seed_tuple(data_context=data_context)
-        return [seed.seed, seed.execution_idx or 0]
+        return [seed.seed, self.first_epoch + (seed.execution_idx or 0)]
 
     def pick(self, positions: np.ndarray, labels: np.ndarray, data_context: Any) -> np.ndarray:
         """Stored row indices for these positions of the epoch."""
@@ -229,6 +232,27 @@ def select_rows(batch: dict[str, np.ndarray], refs: Sequence[Any], order: RowOrd
     return table.take(pa.array(rows, pa.int64()))
 
 
+@dataclass(frozen=True)
+class StoredSplit:
+    """A split's encoded rows in the Ray object store, read and checked once."""
+
+    refs: list[Any]
+    rows: int
+    num_classes: int
+
+
+def store_split(uri: str, split: str) -> StoredSplit:
+    """Read a split's shards (checked against the manifest's sha256 and class range) into the object store."""
+    import ray
+
+    manifest = read_manifest(uri)
+    rows = manifest.num_rows(split)
+    tables = load_split(uri, manifest.shards_of(split), manifest.num_classes)
+    if sum(t.num_rows for t in tables) != rows:
+        raise DataError(f"{uri}: the {split} shards hold {sum(t.num_rows for t in tables)} rows, the manifest says {rows}")
+    return StoredSplit([ray.put(table) for table in tables], rows, manifest.num_classes)
+
+
 def build_dataset(
     uri: str,
     split: str,
@@ -240,6 +264,8 @@ def build_dataset(
     augmentation: str = "moco_v2",
     views: int = 2,
     with_ids: bool = False,
+    first_epoch: int = 0,
+    stored: StoredSplit | None = None,
 ) -> ray.data.Dataset:  # noqa: F821
     """A lazy Ray Dataset of one split.
 
@@ -252,22 +278,18 @@ def build_dataset(
     object store (a few MB to a few hundred MB for these datasets; Ray spills to disk beyond memory).
     Each epoch then streams positions 0..rows-1 through one fused map that picks the rows (a permutation
     seeded by (seed, epoch), or class-balanced draws), decodes and augments them. There is no all-to-all
-    shuffle, so the first batch of every epoch comes as soon as one block is decoded.
+    shuffle, so the first batch of every epoch comes as soon as one block is decoded. Its first execution is
+    epoch `first_epoch` (the epochs a resumed run has done). `stored`: the split already in the object store.
     """
     import ray
     from ray.data import RandomSeedConfig
 
-    manifest = read_manifest(uri)
-    rows = manifest.num_rows(split)
-    tables = load_split(uri, manifest.shards_of(split), manifest.num_classes)
-    if sum(t.num_rows for t in tables) != rows:
-        raise DataError(f"{uri}: the {split} shards hold {sum(t.num_rows for t in tables)} rows, the manifest says {rows}")
-    refs = [ray.put(table) for table in tables]
+    stored = stored or store_split(uri, split)
     mode = "sequential" if not train else "balanced" if resample else "shuffle"
     seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True) if train else None
-    order = RowOrder(mode, rows, manifest.num_classes, seed_config)
-    positions = ray.data.range(rows, override_num_blocks=num_blocks(rows, image_size)).materialize()
-    ds = positions.map_batches(select_rows, batch_size=None, fn_args=(refs, order, positions.context))
+    order = RowOrder(mode, stored.rows, stored.num_classes, seed_config, first_epoch)
+    positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, image_size)).materialize()
+    ds = positions.map_batches(select_rows, batch_size=None, fn_args=(stored.refs, order, positions.context))
     if not train:
         return ds.map_batches(eval_batch, batch_size=BATCH_ROWS, fn_kwargs=dict(size=image_size, with_ids=with_ids))
     return ds.map_batches(

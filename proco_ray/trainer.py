@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -26,7 +27,7 @@ from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.feeds import Batch, DataFeed, TrainInput
 from proco_ray.methods import METHODS, train_input
-from proco_ray.pipeline import Manifest, build_dataset, check_manifest, read_manifest
+from proco_ray.pipeline import Manifest, StoredSplit, build_dataset, check_manifest, read_manifest, store_split
 from proco_ray.storage import is_s3, join, resolve, write_bytes
 from proco_ray.train_loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 
@@ -58,20 +59,58 @@ def train_inputs(config: Config) -> list[TrainInput]:
     return list(dict.fromkeys(train_input(stage, config.data.augmentation) for stage in stages))
 
 
-def build_datasets(config: Config, manifest: Manifest) -> dict[str, ray.data.Dataset]:
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+
+
+def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> int:
+    """Epochs done by the checkpoint a (re)started worker group resumes from, 0 for a new run.
+
+    Read from Ray Train's own snapshot of registered checkpoints, whose latest entry is what
+    `ray.train.get_checkpoint()` hands the workers: a checkpoint written but not registered when a worker
+    died is neither resumed from nor counted here. `run_path`/`filesystem` as run_storage gives them (the
+    filesystem travels with the run, so the Train controller needs no credentials of its own).
+    """
+    filesystem = filesystem or pafs.LocalFileSystem()
+    path = f"{run_path}/{RAY_TRAIN_SNAPSHOT}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return 0
+    with filesystem.open_input_stream(path) as stream:
+        latest = json.loads(stream.read()).get("latest_checkpoint_result")
+    return int(latest["metrics"]["epoch"]) if latest else 0
+
+
+def train_dataset_factory(
+    config: Config, source: TrainInput, stored: StoredSplit, run_path: str, filesystem: pafs.FileSystem | None
+) -> Callable[[], ray.data.Dataset]:
+    """A training dataset built when Ray Train starts (or restarts) the worker group, so its first epoch is
+    the resumed run's next epoch and a resumed run sees the row orders of an uninterrupted one. The rows
+    were read and checked once, by the driver (`stored`)."""
     data = config.data
-    common = dict(image_size=data.image_size, seed=config.train.seed)
-    datasets = {
-        source.key: build_dataset(
+
+    def build() -> ray.data.Dataset:
+        return build_dataset(
             data.uri,
             data.train_split,
             train=True,
             resample=source.resample,
             augmentation=source.augmentation,
             views=source.views,
-            **common,
+            image_size=data.image_size,
+            seed=config.train.seed,
+            first_epoch=resumed_epoch(run_path, filesystem),
+            stored=stored,
         )
-        for source in train_inputs(config)
+
+    return build
+
+
+def build_datasets(config: Config, manifest: Manifest, run_path: str, filesystem: pafs.FileSystem | None) -> dict[str, Any]:
+    """Training dataset factories (see train_dataset_factory) and the evaluation datasets."""
+    data = config.data
+    common = dict(image_size=data.image_size, seed=config.train.seed)
+    stored = store_split(data.uri, data.train_split)
+    datasets: dict[str, Any] = {
+        source.key: train_dataset_factory(config, source, stored, run_path, filesystem) for source in train_inputs(config)
     }
     datasets[data.val_split] = build_dataset(data.uri, data.val_split, train=False, **common)
     if data.test_split in manifest.splits:
@@ -183,20 +222,20 @@ def build_trainer(
     """
     run_uri = join(config.train.storage_path, config.train.name)
     loop_config: dict[str, Any] = {"config": config.to_dict(), "run_uri": run_uri}
-    datasets: dict[str, ray.data.Dataset] = {}
+    storage_path, storage_filesystem = run_storage(config.train.storage_path)
+    datasets: dict[str, Any] = {}
     if feed_factory is not None:
         loop_config["feed_factory"] = feed_factory
     else:
         manifest = read_manifest(config.data.uri)
         check_manifest(config, manifest)
-        datasets = build_datasets(config, manifest)
+        datasets = build_datasets(config, manifest, f"{storage_path}/{config.train.name}", storage_filesystem)
         loop_config.update(
             classes=manifest.classes,
             class_counts=manifest.class_counts(config.data.train_split),
             train_rows=manifest.num_rows(config.data.train_split),
             eval_splits=[s for s in datasets if not s.startswith(TRAIN_PREFIX)],
         )
-    storage_path, storage_filesystem = run_storage(config.train.storage_path)
     loop_config["run_filesystem"] = storage_filesystem
     return TorchTrainer(
         train_loop_per_worker,

@@ -114,6 +114,22 @@ def test_shuffle_is_fresh_each_epoch_and_seeded(prepared, ray_local):
         context.execution_options.preserve_order = False
 
 
+def test_a_dataset_for_a_resumed_run_continues_the_row_orders(prepared, ray_local):
+    """Built with first_epoch=2 (a run resumed after 2 epochs), the first epoch is the uninterrupted run's third,
+    shuffled and class-balanced, also through streaming_split as Ray Train consumes it."""
+    context = ray_local.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    try:
+        for resample in (False, True):
+            common = dict(image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=3, resample=resample)
+            [straight] = build_dataset(prepared, "train", **common).streaming_split(1)
+            orders = [epoch_ids(straight) for _ in range(3)]
+            [resumed] = build_dataset(prepared, "train", first_epoch=2, **common).streaming_split(1)
+            assert epoch_ids(resumed) == orders[2] != orders[1]
+    finally:
+        context.execution_options.preserve_order = False
+
+
 def test_class_balanced_resampling(skewed):
     ds = build_dataset(skewed, "train", image_size=8, train=True, resample=True)
     draws = []

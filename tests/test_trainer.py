@@ -1,5 +1,9 @@
 """ProCo under Ray Train's TorchTrainer: synchronised state across gloo workers, checkpoints, bad input."""
 
+import signal
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,7 @@ import torch
 from proco_ray.checkpoint import load_checkpoint
 from proco_ray.config import ConfigError, load_config
 from proco_ray.feeds import GeneratedFeed
-from proco_ray.trainer import check_resources, fit
+from proco_ray.trainer import check_resources, fit, resumed_epoch
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -54,35 +58,37 @@ def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
             check_resources(gpus)
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
-    """SIGKILL a worker once the epoch-1 checkpoint is registered; the run resumes instead of starting over."""
-    import signal
-    import threading
-    import time
+def kill_one_training_worker_when(ray_module, ready: Callable[[], bool], killed: list[int]) -> threading.Thread:
+    """A thread that SIGKILLs one Ray Train worker of this session (children of its raylet: other Ray
+    instances may be training on this machine) as soon as `ready()` holds."""
+    import psutil  # Ray's vendored copy, importable once ray is
 
-    import psutil
-
-    killed = []
-    # Only this session's workers (children of its raylet): other Ray instances may be training on this machine.
-    session = ray_local._private.worker._global_node.get_session_dir_path()
+    session = ray_module._private.worker._global_node.get_session_dir_path()
     raylets = {
         p.pid for p in psutil.process_iter(["cmdline"]) if any(f"{session}/sockets/raylet" in a for a in p.info["cmdline"] or [])
     }
     assert raylets, f"no raylet found for {session}"
 
-    def kill_after_second_checkpoint():
+    def kill() -> None:
         deadline = time.time() + 240
-        while time.time() < deadline and len(list((tmp_path / "faulty").glob("checkpoint_2*"))) < 2:
-            time.sleep(0.2)
+        while time.time() < deadline and not ready():
+            time.sleep(0.05)
         for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
             if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
                 proc.send_signal(signal.SIGKILL)
                 killed.append(proc.info["pid"])
                 return
 
-    killer = threading.Thread(target=kill_after_second_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill, daemon=True)
     killer.start()
+    return killer
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
+    """SIGKILL a worker once the epoch-1 checkpoint is registered; the run resumes instead of starting over."""
+    killed: list[int] = []
+    killer = kill_one_training_worker_when(ray_local, lambda: len(list((tmp_path / "faulty").glob("checkpoint_2*"))) >= 2, killed)
     result = run(tmp_path, "faulty", 2, ["optim.epochs=4", "train.max_failures=2", "train.keep_checkpoints=10"])
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
@@ -90,3 +96,5 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     assert result.metrics["epoch"] == 4
     epochs = sorted(metrics["epoch"] for _, metrics in result.best_checkpoints)
     assert set(epochs) == {1, 2, 3, 4} and epochs.count(1) == 1, epochs
+    # what a restarted worker group's training datasets start from: Ray Train's record of this real run
+    assert resumed_epoch(str(tmp_path / "faulty")) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
