@@ -77,3 +77,21 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
         return False
     ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=False)
     return True
+
+
+def live_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_paths_reach_every_node(paths: dict[str, str], nodes: int, shared_filesystem: bool) -> None:
+    """Refuse local paths on a cluster of several nodes (unless they are on a filesystem every node mounts):
+    each node would read its own disk, or write checkpoints where the others and the driver never look."""
+    local = {key: path for key, path in paths.items() if path and not path.startswith("s3://")}
+    if nodes < 2 or shared_filesystem or not local:
+        return
+    named = ", ".join(f"{key}={path}" for key, path in local.items())
+    raise ConfigError(
+        f"{named}: a local path, but the Ray cluster has {nodes} nodes and each would use its own disk; put it in "
+        "object storage (s3://...), or set train.shared_filesystem=true if every node mounts it at the same path"
+    )

@@ -106,6 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     wait_for_autoscaler: bool = False
+    shared_filesystem: bool = False  # local data/storage paths are mounted at the same path on every node (NFS)
     log_every_steps: int = 50  # an in-epoch progress line every N steps (0: only per epoch)
     max_steps_per_epoch: int | None = None
 

@@ -23,7 +23,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from proco_ray.cluster import connect_or_start_ray
+from proco_ray.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.feeds import Batch, DataFeed, TrainInput
 from proco_ray.methods import METHODS, train_input
@@ -288,6 +288,11 @@ def save_resolved_config(config: Config) -> str:
 def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
     """Train on the connected Ray cluster; rerunning with the same train.name and storage resumes."""
     check_resources(config, streams_data=feed_factory is None)
+    check_paths_reach_every_node(
+        {"data.uri": config.data.uri if feed_factory is None else "", "train.storage_path": config.train.storage_path},
+        live_nodes(),
+        config.train.shared_filesystem,
+    )
     trainer = build_trainer(config, feed_factory)
     save_resolved_config(config)
     return trainer.fit()

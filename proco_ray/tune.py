@@ -38,7 +38,7 @@ from ray.tune import Tuner
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from proco_ray.cluster import connect_or_start_ray
+from proco_ray.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
 from proco_ray.config import Config, ConfigError
 from proco_ray.experiments import (
     DRIVER_CPUS,
@@ -334,6 +334,12 @@ def sweep(
     latest checkpoints.
     """
     plan = validate_sweep(experiment, base, ray.cluster_resources(), feed_factory, max_concurrent)
+    for config in plan.configs:
+        check_paths_reach_every_node(
+            {"data.uri": config.data.uri if feed_factory is None else "", "--storage-path": storage_path},
+            live_nodes(),
+            config.train.shared_filesystem,
+        )
     storage = storage_path if is_s3(storage_path) else os.path.abspath(storage_path)
     experiment_uri = join(storage, name)
     definition = _definition(experiment, base)

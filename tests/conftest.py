@@ -17,18 +17,46 @@ from proco_ray.storage import LocalS3Server, S3Endpoint
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def start_local_ray():
+    """The tests' local Ray (2 cores here; 4 logical CPUs so Train tests can place 2 workers)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray started once per session (2 cores here; 4 logical CPUs so Train tests can place 2 workers)."""
+    """A local Ray started once per session."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
+    yield start_local_ray()
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_three_nodes(ray_local):
+    """A real three-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head and two nodes, one CPU
+    each) in place of the session's local Ray for one test, which gets it back afterwards."""
+    from ray.cluster_utils import Cluster
+
+    ray_local.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray_local.init(address=cluster.address, log_to_driver=False)
+        ray_local.data.DataContext.get_current().enable_progress_bars = False
+        yield cluster
+    finally:
+        ray_local.shutdown()
+        cluster.shutdown()
+        start_local_ray()
 
 
 @pytest.fixture(scope="session")
