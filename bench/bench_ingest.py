@@ -40,7 +40,7 @@ def rate(batch_counts) -> float:
 
 def ray_epochs(uri: str, size: int, cpus: int):
     """(seconds to build the dataset, a function that runs one epoch); Ray must be initialised."""
-    from proco_ray.pipeline import build_dataset
+    from proco_ray.data.pipeline import build_dataset
 
     started = time.perf_counter()
     ds = build_dataset(uri, "train", image_size=size, train=True)
@@ -52,7 +52,7 @@ def dataloader_epochs(root: Path, size: int, cpus: int):
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from proco_ray.transforms import TwoViews, moco_v2_augmentation
+    from proco_ray.data.transforms import TwoViews, moco_v2_augmentation
 
     dataset = ImageFolder(str(root), transform=TwoViews(moco_v2_augmentation(size)))
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=cpus, drop_last=True, persistent_workers=True)
@@ -76,8 +76,8 @@ def export_imagefolder(uri: str, root: Path) -> int:
     """Write the train split's stored JPEGs as root/<label>/<id>.jpg: the same bytes the Ray side decodes."""
     import pyarrow.parquet as pq
 
-    from proco_ray.pipeline import read_manifest
-    from proco_ray.storage import join, resolve
+    from proco_ray.data.manifest import read_manifest
+    from proco_ray.storage.s3 import join, resolve
 
     fs, base = resolve(uri)
     count = 0
@@ -105,8 +105,8 @@ def main() -> int:
 
     import ray
 
-    from proco_ray.prepare import PrepareOptions, prepare
-    from proco_ray.storage import LocalS3Server
+    from proco_ray.data.prepare import PrepareOptions, prepare
+    from proco_ray.storage.seaweedfs import LocalS3Server
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, LocalS3Server(Path(tmp) / "s3") as endpoint:

@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.losses import PrototypeRecalibration, adversarial_negatives, adversarial_positives, proto_loss
-from proco_ray.methods import ProCo, build_method
-from proco_ray.queue import SampleQueue
-from proco_ray.report import markdown_table
-from proco_ray.storage import free_port
+from proco_ray.evaluation.report import markdown_table
+from proco_ray.method.losses import PrototypeRecalibration, adversarial_negatives, adversarial_positives, proto_loss
+from proco_ray.method.queue import SampleQueue
+from proco_ray.method.registry import ProCo, build_method
+from proco_ray.storage.seaweedfs import free_port
 
 
 def synchronize(device: torch.device) -> None:

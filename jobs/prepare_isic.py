@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proco_ray.prepare import main  # noqa: E402
+from proco_ray.data.prepare import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], kind="isic2018"))

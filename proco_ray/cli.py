@@ -16,14 +16,17 @@ from proco_ray.errors import ProcoError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("proco_ray.demo", "run the main job end to end on embedded defaults"),
-    "storage": ("proco_ray.storage", "start, stop or inspect the local S3 server (SeaweedFS)"),
-    "prepare": ("proco_ray.prepare", "ingest a dataset into Parquet shards in object storage"),
-    "train": ("proco_ray.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
-    "evaluate": ("proco_ray.evaluate", "evaluate a checkpoint on a prepared dataset"),
-    "predict": ("proco_ray.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
-    "export": ("proco_ray.export", "a checkpoint's classifier as a torch.export program that loads without this package"),
-    "tune": ("proco_ray.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
-    "local-sweep": ("proco_ray.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
+    "storage": ("proco_ray.storage.seaweedfs", "start, stop or inspect the local S3 server (SeaweedFS)"),
+    "prepare": ("proco_ray.data.prepare", "ingest a dataset into Parquet shards in object storage"),
+    "train": ("proco_ray.launch.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
+    "evaluate": ("proco_ray.evaluation.evaluate", "evaluate a checkpoint on a prepared dataset"),
+    "predict": ("proco_ray.inference.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
+    "export": (
+        "proco_ray.inference.export",
+        "a checkpoint's classifier as a torch.export program that loads without this package",
+    ),
+    "tune": ("proco_ray.launch.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
+    "local-sweep": ("proco_ray.launch.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
 }
 
 

@@ -14,16 +14,16 @@ import json
 import os
 from pathlib import Path
 
-from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import load_config
-from proco_ray.evaluate import evaluate_checkpoint
-from proco_ray.export import export
-from proco_ray.predict import predict
-from proco_ray.prepare import PrepareOptions, prepare
-from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix
-from proco_ray.storage import DEFAULT_DIR, LocalS3Server
-from proco_ray.synthetic import long_tailed_counts, write_image_folder
-from proco_ray.trainer import fit, summarise, write_run_file
+from proco_ray.data.prepare import PrepareOptions, prepare
+from proco_ray.data.synthetic import long_tailed_counts, write_image_folder
+from proco_ray.evaluation.evaluate import evaluate_checkpoint
+from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix
+from proco_ray.inference.export import export
+from proco_ray.inference.predict import predict
+from proco_ray.launch.cluster import connect_or_start_ray
+from proco_ray.launch.trainer import fit, summarise, write_run_file
+from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proco_ray.sources import APTOS_CLASSES, ISIC_CLASSES
-from proco_ray.storage import LocalS3Server, S3Endpoint
+from proco_ray.data.sources import APTOS_CLASSES, ISIC_CLASSES
+from proco_ray.storage.seaweedfs import LocalS3Server, S3Endpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

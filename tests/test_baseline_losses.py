@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proco_ray.losses.baselines import LDAMLoss, drw_class_weights, focal_loss, ohem_loss, supcon_loss
+from proco_ray.method.losses.baselines import LDAMLoss, drw_class_weights, focal_loss, ohem_loss, supcon_loss
 
 COUNTS = [500, 120, 60, 30, 9, 4, 1]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proco_ray.prepare import PrepareOptions, prepare
-from proco_ray.storage import free_port
-from proco_ray.synthetic import write_image_folder
+from proco_ray.data.prepare import PrepareOptions, prepare
+from proco_ray.data.synthetic import write_image_folder
+from proco_ray.storage.seaweedfs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -137,8 +137,8 @@ def test_ray_job_submit_trains_on_a_local_cluster(ray_local, local_cluster, tmp_
 
 
 def test_a_stale_cluster_record_is_ignored_and_a_named_dead_address_is_an_error(tmp_path, monkeypatch):
-    from proco_ray.cluster import cluster_address
     from proco_ray.config import ConfigError
+    from proco_ray.launch.cluster import cluster_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster_address(str(tmp_path)) is None
@@ -158,7 +158,7 @@ def test_a_stale_cluster_record_is_ignored_and_a_named_dead_address_is_an_error(
 
 def test_a_local_ray_is_sized_to_the_machine_not_to_the_request():
     """16 workers on 2 cores must be refused by the resource check, not given 33 logical CPUs to hang on."""
-    from proco_ray.cluster import local_cpus
+    from proco_ray.launch.cluster import local_cpus
 
     assert local_cpus(0, cores=2) == 2
     assert local_cpus(3, cores=2) == 3  # one worker on both cores + Ray Data's CPU

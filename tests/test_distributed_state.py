@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proco_ray.losses import PrototypeRecalibration
-from proco_ray.queue import SampleQueue
+from proco_ray.method.losses import PrototypeRecalibration
+from proco_ray.method.queue import SampleQueue
 
 STEPS, LOCAL_BATCH, WORLD, CLASSES, DIM, QUEUE = 5, 6, 2, 4, 8, 20
 

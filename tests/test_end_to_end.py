@@ -10,12 +10,12 @@ import pytest
 
 from proco_ray.cli import main
 from proco_ray.config import ConfigError, load_config
+from proco_ray.data.manifest import read_manifest
+from proco_ray.data.prepare import PrepareOptions, prepare
+from proco_ray.data.synthetic import write_image_folder
 from proco_ray.errors import DataError
-from proco_ray.pipeline import read_manifest
-from proco_ray.prepare import PrepareOptions, prepare
-from proco_ray.storage import resolve
-from proco_ray.synthetic import write_image_folder
-from proco_ray.trainer import build_trainer, fit, summarise
+from proco_ray.launch.trainer import build_trainer, fit, summarise
+from proco_ray.storage.s3 import resolve
 
 TINY = Path(__file__).parent / "tiny.yaml"
 OVERRIDES = ["data.batch_size=8", "data.eval_batch_size=32", "method.queue_size=32", "train.num_workers=2"]

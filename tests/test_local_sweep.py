@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from proco_ray.config import ConfigError, load_config
-from proco_ray.experiments import base_tree, experiment_from_dict
-from proco_ray.local_sweep import grid_trials, local_sweep
-from proco_ray.prepare import PrepareOptions, prepare
+from proco_ray.data.prepare import PrepareOptions, prepare
+from proco_ray.experiments.spec import base_tree, experiment_from_dict
+from proco_ray.launch.local_sweep import grid_trials, local_sweep
 
 TINY = Path(__file__).parent / "tiny.yaml"
 

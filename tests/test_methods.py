@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.methods import METHODS, build_method, unwrap
+from proco_ray.method.registry import METHODS, build_method, unwrap
 
 CLASSES = 3
 TINY = ModelConfig(arch="resnet18", small_input=True, feat_dim=16, hidden_dim=32, batch_norm="plain")
@@ -157,8 +157,8 @@ def test_ldam_classifies_with_cosine_logits_as_its_scale_assumes():
 
 
 def test_each_method_reads_its_augmentation_and_views():
-    from proco_ray.feeds import TrainInput
-    from proco_ray.methods import METHODS, train_input
+    from proco_ray.engine.feeds import TrainInput
+    from proco_ray.method.registry import METHODS, train_input
 
     def inputs(name: str, augmentation: str = "auto") -> list[TrainInput]:
         return [train_input(stage, augmentation) for stage in METHODS[name].stages_for(MethodConfig(name=name), 10)]

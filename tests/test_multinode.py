@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from proco_ray.cluster import check_paths_reach_every_node, live_nodes
 from proco_ray.config import ConfigError, load_config
-from proco_ray.prepare import PrepareOptions, prepare
-from proco_ray.trainer import fit, summarise
+from proco_ray.data.prepare import PrepareOptions, prepare
+from proco_ray.launch.cluster import check_paths_reach_every_node, live_nodes
+from proco_ray.launch.trainer import fit, summarise
 
 TINY = Path(__file__).parent / "tiny.yaml"
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from proco_ray.data.manifest import read_manifest
+from proco_ray.data.pipeline import build_dataset, load_split
+from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.errors import DataError
-from proco_ray.pipeline import build_dataset, load_split, read_manifest
-from proco_ray.prepare import PrepareOptions, prepare
 
 SIZE = 16
 
@@ -201,7 +202,7 @@ def test_single_view_supervised_batches_have_no_key_view(prepared):
 def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
     """The Ray-free feed: same manifest, splits, class counts and eval images as build_dataset."""
     from proco_ray.config import load_config
-    from proco_ray.feeds import TrainInput, local_feed
+    from proco_ray.engine.feeds import TrainInput, local_feed
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "data.eval_batch_size=16"])
     feed = local_feed(prepared, config, workers=0)

@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from proco_ray.checkpoint import save_checkpoint
 from proco_ray.cli import main
 from proco_ray.config import load_config
+from proco_ray.data.prepare import PrepareOptions, prepare, reencode
+from proco_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, eval_view, normalize_batch
+from proco_ray.engine.checkpoint import save_checkpoint
 from proco_ray.errors import DataError
-from proco_ray.evaluate import read_checkpoint, restore_model
-from proco_ray.export import export, export_program, inference_module
-from proco_ray.methods import build_method
-from proco_ray.predict import predict, preprocessing_of
-from proco_ray.prepare import PrepareOptions, prepare, reencode
-from proco_ray.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, eval_view, normalize_batch
+from proco_ray.evaluation.evaluate import read_checkpoint, restore_model
+from proco_ray.inference.export import export, export_program, inference_module
+from proco_ray.inference.predict import predict, preprocessing_of
+from proco_ray.method.registry import build_method
 
 TINY = Path(__file__).parent / "tiny.yaml"
 SIZE = 16

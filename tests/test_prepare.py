@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from proco_ray.data.prepare import PrepareOptions, main, prepare
 from proco_ray.errors import DataError, StorageError
-from proco_ray.prepare import PrepareOptions, main, prepare
-from proco_ray.storage import join, resolve
+from proco_ray.storage.s3 import join, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_output_with_data_is_refused_unless_overwrite(tmp_path, datagen, ray_loc
 
 
 def test_incomplete_output_is_refused_and_unreadable(tmp_path, datagen, ray_local):
-    from proco_ray.pipeline import read_manifest
+    from proco_ray.data.manifest import read_manifest
 
     source = str(datagen.imagefolder(tmp_path / "folder"))
     out = tmp_path / "out"
@@ -224,8 +224,9 @@ def test_shard_writes_to_a_vanished_server_fail_in_bounded_time(ray_local):
     """Ray Data's own write retries (10 attempts, backoff to 32 s) are off: the S3 client's bounded ones decide."""
     import ray
 
-    from proco_ray.prepare import write_split
-    from proco_ray.storage import S3Settings, free_port, s3_filesystem, storage_errors
+    from proco_ray.data.prepare import write_split
+    from proco_ray.storage.s3 import S3Settings, s3_filesystem, storage_errors
+    from proco_ray.storage.seaweedfs import free_port
 
     rows = [{"image": b"x" * 64, "label": 0, "id": str(i), "split": "train", "error": ""} for i in range(20)]
     processed = ray.data.from_items(rows).materialize()
@@ -237,7 +238,7 @@ def test_shard_writes_to_a_vanished_server_fail_in_bounded_time(ray_local):
 
 
 def test_storage_timeouts_come_from_the_environment(tmp_path):
-    from proco_ray.storage import aws_settings
+    from proco_ray.storage.s3 import aws_settings
 
     settings = aws_settings(
         {"PROCO_S3_CONNECT_TIMEOUT_S": "1.5", "PROCO_S3_REQUEST_TIMEOUT_S": "7", "AWS_MAX_ATTEMPTS": "2"}, tmp_path
@@ -248,7 +249,7 @@ def test_storage_timeouts_come_from_the_environment(tmp_path):
 
 
 def test_official_val_held_out_as_test_with_val_carved_from_train():
-    from proco_ray.splits import make_split
+    from proco_ray.data.splits import make_split
 
     labels = [0] * 60 + [1] * 20 + [0] * 10 + [1] * 5
     official = ["train"] * 80 + ["val"] * 15

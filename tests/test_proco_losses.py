@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proco_ray.losses import (
+from proco_ray.method.losses import (
     PROTO_FORMS,
     PrototypeRecalibration,
     adversarial_negatives,

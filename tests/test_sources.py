@@ -7,9 +7,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
+from proco_ray.data.sources import ISIC_CLASSES, match_labels, parse_groups, parse_onehot, read_source
+from proco_ray.data.splits import make_split, paper_split, split_counts
 from proco_ray.errors import DataError
-from proco_ray.sources import ISIC_CLASSES, match_labels, parse_groups, parse_onehot, read_source
-from proco_ray.splits import make_split, paper_split, split_counts
 
 HEADER = ["image", *ISIC_CLASSES]
 

@@ -11,16 +11,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from proco_ray.errors import StorageError
-from proco_ray.storage import (
-    LocalS3Server,
-    S3Settings,
-    aws_settings,
-    ensure_bucket,
-    free_port,
-    resolve,
-    s3_filesystem,
-    storage_errors,
-)
+from proco_ray.storage.s3 import S3Settings, aws_settings, ensure_bucket, resolve, s3_filesystem, storage_errors
+from proco_ray.storage.seaweedfs import LocalS3Server, free_port
 
 
 def test_aws_settings_from_variables_win_over_files(tmp_path):

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from proco_ray.checkpoint import CheckpointError, load_checkpoint
 from proco_ray.config import load_config
-from proco_ray.feeds import tensor_feed
-from proco_ray.synthetic import generate_images
-from proco_ray.train_loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
+from proco_ray.data.synthetic import generate_images
+from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.engine.feeds import tensor_feed
+from proco_ray.engine.loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
 
 TINY = Path(__file__).parent / "tiny.yaml"
 OVERRIDES = ["optim.epochs=3"]
@@ -82,7 +82,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
 
 
 def test_collapse_guard_names_the_threshold_and_the_docs():
-    from proco_ray.train_loop import COLLAPSE_DOC, collapse_warning
+    from proco_ray.engine.loop import COLLAPSE_DOC, collapse_warning
 
     assert collapse_warning({"train/embedding_std": 0.10}, feat_dim=64) is None
     assert collapse_warning({"train/loss": 1.0}, feat_dim=64) is None  # methods without a contrastive embedding
@@ -91,7 +91,7 @@ def test_collapse_guard_names_the_threshold_and_the_docs():
 
 
 def test_a_collapsed_run_says_so_in_its_progress_line_and_metrics(tmp_path, capsys, monkeypatch):
-    import proco_ray.train_loop as loop
+    import proco_ray.engine.loop as loop
 
     monkeypatch.setattr(loop, "COLLAPSE_FRACTION", 10.0)  # every embedding counts as collapsed
     config = load_config(TINY, OVERRIDES + ["optim.epochs=1"])
@@ -102,7 +102,7 @@ def test_a_collapsed_run_says_so_in_its_progress_line_and_metrics(tmp_path, caps
 
 def test_the_checkpoint_kept_as_best_is_the_selected_epoch_also_on_ties(tmp_path):
     """Ties in val macro-F1 go to the earlier epoch, for the loop's selection and for the kept checkpoints alike."""
-    from proco_ray.train_loop import CHECKPOINT_SCORE, is_better, selection_score
+    from proco_ray.engine.loop import CHECKPOINT_SCORE, is_better, selection_score
 
     kept = LocalCheckpoints(tmp_path / "kept", keep=1)
     best: dict = {}

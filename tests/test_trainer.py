@@ -10,10 +10,10 @@ import pytest
 import ray
 import torch
 
-from proco_ray.checkpoint import load_checkpoint
 from proco_ray.config import ConfigError, load_config
-from proco_ray.feeds import GeneratedFeed
-from proco_ray.trainer import check_resources, fit, resumed_epoch
+from proco_ray.engine.checkpoint import load_checkpoint
+from proco_ray.engine.feeds import GeneratedFeed
+from proco_ray.launch.trainer import check_resources, fit, resumed_epoch
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
 TINY = Path(__file__).parent / "tiny.yaml"

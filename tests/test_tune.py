@@ -15,27 +15,29 @@ from pathlib import Path
 import pytest
 
 from proco_ray.config import ConfigError, load_config, parse_overrides
-from proco_ray.experiments import (
+from proco_ray.engine.feeds import GeneratedFeed
+from proco_ray.experiments.spec import (
     CONFIG_TUNE_DIR,
     Domain,
-    TrialRecord,
-    asha_rungs,
     base_tree,
     check_metric,
     experiment_from_dict,
-    final_metrics,
-    format_mean_std,
     load_experiment,
     max_concurrent_trials,
-    mean_std,
     parse_domain,
-    product_labels,
-    summarise_groups,
-    table_rows,
     trial_config,
     validate,
 )
-from proco_ray.feeds import GeneratedFeed
+from proco_ray.experiments.stats import (
+    TrialRecord,
+    asha_rungs,
+    final_metrics,
+    format_mean_std,
+    mean_std,
+    product_labels,
+    summarise_groups,
+    table_rows,
+)
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
 TINY_CONFIG = Path(__file__).parent / "tiny.yaml"
@@ -90,7 +92,7 @@ def test_shipped_experiments_validate():
         "loss_infonce",
     }
     assert len(ablation.seeds) == 3 and ablation.num_trials() == 18
-    from proco_ray.methods import METHODS
+    from proco_ray.method.registry import METHODS
 
     assert {v["method.name"] for v in load_experiment("baselines").variants.values()} == set(METHODS)
 
@@ -142,7 +144,7 @@ def test_a_metric_that_is_never_reported_is_refused():
 
 
 def test_more_resources_per_trial_than_the_cluster_has_is_refused():
-    from proco_ray.tune import validate_sweep
+    from proco_ray.launch.tune import validate_sweep
 
     assert max_concurrent_trials({"CPU": 4}, {"CPU": 2}) == 2
     assert max_concurrent_trials({"CPU": 64, "GPU": 8}, {"CPU": 17, "GPU": 4}) == 2
@@ -207,7 +209,7 @@ def test_mean_std_and_its_formatting():
 
 
 def test_groups_aggregate_over_seeds_in_variant_order(tmp_path):
-    from proco_ray.results import _write_results_to
+    from proco_ray.experiments.results import _write_results_to
 
     experiment = experiment_from_dict(
         {
@@ -255,7 +257,7 @@ def _events_with_hparams(trial_dir: Path) -> bool:
 @pytest.mark.slow
 def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp_path):
     """lr 1e-5 barely moves the loss: ASHA (grace 1, factor 2) stops those trials at its first rung."""
-    from proco_ray.tune import sweep
+    from proco_ray.launch.tune import sweep
 
     experiment = experiment_from_dict(
         {
@@ -296,8 +298,8 @@ DRIVER = textwrap.dedent(
     import sys, ray
     sys.path.insert(0, {tests!r})
     from test_tune import FEED, RESUME_EXPERIMENT, tiny_base
-    from proco_ray.experiments import experiment_from_dict
-    from proco_ray.tune import sweep
+    from proco_ray.experiments.spec import experiment_from_dict
+    from proco_ray.launch.tune import sweep
     ray.init(address={address!r}, log_to_driver=False)
     experiment = experiment_from_dict(RESUME_EXPERIMENT)
     sweep(experiment, tiny_base(experiment, 2), name="resume", storage_path={storage!r}, feed_factory=FEED, max_concurrent=1)
@@ -324,7 +326,7 @@ def _terminated(experiment_dir: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
-    from proco_ray.tune import sweep
+    from proco_ray.launch.tune import sweep
 
     address = ray_local.get_runtime_context().gcs_address
     script = DRIVER.format(tests=str(Path(__file__).parent), address=address, storage=str(tmp_path))

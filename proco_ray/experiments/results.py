@@ -1,6 +1,6 @@
 """An experiment's results/ folder: mean ± std tables over seeds, per-trial rows, best variant, plots.
 
-Free of Ray, so a Ray Tune sweep (`proco_ray.tune`) and a local sweep (`proco_ray.local_sweep`)
+Free of Ray, so a Ray Tune sweep (`proco_ray.launch.tune`) and a local sweep (`proco_ray.launch.local_sweep`)
 write the same files from their trial records.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from proco_ray.experiments import (
-    SEED_KEY,
-    Experiment,
+from proco_ray.evaluation.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
+from proco_ray.experiments.spec import SEED_KEY, Experiment, trial_overrides
+from proco_ray.experiments.stats import (
     TrialRecord,
     asha_rungs,
     best_group,
@@ -24,10 +24,8 @@ from proco_ray.experiments import (
     product_labels,
     summarise_groups,
     table_rows,
-    trial_overrides,
 )
-from proco_ray.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
-from proco_ray.storage import is_s3, join, resolve
+from proco_ray.storage.s3 import is_s3, join, resolve
 
 
 def outcome(record: TrialRecord, max_epochs: int) -> str:

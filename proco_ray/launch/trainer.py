@@ -23,13 +23,14 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from proco_ray.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
-from proco_ray.feeds import Batch, DataFeed, TrainInput
-from proco_ray.methods import METHODS, train_input
-from proco_ray.pipeline import Manifest, StoredSplit, build_dataset, check_manifest, read_manifest, store_split
-from proco_ray.storage import is_s3, join, resolve, write_bytes
-from proco_ray.train_loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
+from proco_ray.data.manifest import Manifest, check_manifest, read_manifest
+from proco_ray.data.pipeline import StoredSplit, build_dataset, store_split
+from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
+from proco_ray.engine.loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
+from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
+from proco_ray.method.registry import METHODS, train_input
+from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
 TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
 CHECKPOINT_METRIC = CHECKPOINT_SCORE

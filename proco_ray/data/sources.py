@@ -1,7 +1,7 @@
 """Datasets as users download them, read into one validated list of labelled records.
 
 Readers only list files and parse label tables; image bytes are read later, by
-the Ray workers of `proco_ray.prepare`. Every inconsistency (an image without a
+the Ray workers of `proco_ray.data.prepare`. Every inconsistency (an image without a
 label, a label without an image, a row that is not one-hot, an unknown class, a
 class with no image) is a DataError that lists the offending items.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from proco_ray.errors import DataError
-from proco_ray.storage import list_files, resolve, storage_errors
+from proco_ray.storage.s3 import list_files, resolve, storage_errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")

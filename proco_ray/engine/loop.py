@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from proco_ray import distributed
-from proco_ray.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from proco_ray.config import Config, ConfigError
-from proco_ray.feeds import Batch, DataFeed
-from proco_ray.methods import Method, ProCo, Stage, build_method, train_input, unwrap
+from proco_ray.engine import distributed
+from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from proco_ray.engine.feeds import Batch, DataFeed
+from proco_ray.method.registry import Method, ProCo, Stage, build_method, train_input, unwrap
 from proco_ray.metrics import metrics_from_confusion
 
 Report = Callable[[dict[str, Any], "Path | None"], None]

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray import distributed
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.feeds import TrainInput
-from proco_ray.losses import (
+from proco_ray.data.transforms import AUGMENTATIONS
+from proco_ray.engine import distributed
+from proco_ray.engine.feeds import TrainInput
+from proco_ray.method.losses import (
     PROTO_FORMS,
     LDAMLoss,
     PrototypeRecalibration,
@@ -33,9 +34,8 @@ from proco_ray.losses import (
     supervised_infonce,
     unified_proto_loss,
 )
-from proco_ray.model import Classifier, ProCoNetwork
-from proco_ray.queue import SampleQueue
-from proco_ray.transforms import AUGMENTATIONS
+from proco_ray.method.networks import Classifier, ProCoNetwork
+from proco_ray.method.queue import SampleQueue
 
 Batch = dict[str, Tensor]
 PROCO_LOSSES = ("proto", "ce", "infonce")

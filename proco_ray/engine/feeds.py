@@ -1,7 +1,7 @@
 """What the training loop eats: a `DataFeed` of per-rank batch iterators.
 
 The loop sees only this interface, so the same loop trains from Ray Data shards
-inside Ray Train workers (`proco_ray.trainer`) and from in-memory tensors in a
+inside Ray Train workers (`proco_ray.launch.trainer`) and from in-memory tensors in a
 plain process (`tensor_feed`: tests, demos, GPU benchmarks without Ray).
 """
 
@@ -123,7 +123,7 @@ def tensor_feed(
 
 @dataclass(frozen=True)
 class GeneratedFeed:
-    """A picklable feed factory over `proco_ray.synthetic` data: `(config, rank, world_size) -> DataFeed`.
+    """A picklable feed factory over `proco_ray.data.synthetic` data: `(config, rank, world_size) -> DataFeed`.
 
     Ray Train workers build it themselves, so tests and demos can run the real
     TorchTrainer path without object storage.
@@ -136,7 +136,7 @@ class GeneratedFeed:
     augment: bool = True
 
     def __call__(self, config: Config, rank: int, world_size: int) -> DataFeed:  # noqa: F821
-        from proco_ray.synthetic import generate_images
+        from proco_ray.data.synthetic import generate_images
 
         train = generate_images(self.train_counts, self.image_size, self.seed)
         held_out = generate_images(self.eval_counts, self.image_size, self.seed + 1)
@@ -180,8 +180,9 @@ def local_feed(
 
     import pyarrow as pa
 
-    from proco_ray.pipeline import check_manifest, load_split, read_manifest
-    from proco_ray.transforms import eval_batch, train_batch
+    from proco_ray.data.manifest import check_manifest, read_manifest
+    from proco_ray.data.pipeline import load_split
+    from proco_ray.data.transforms import eval_batch, train_batch
 
     data = config.data
     if data.batch_size % world_size:

@@ -23,11 +23,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from proco_ray.data.manifest import MANIFEST, read_manifest
+from proco_ray.data.pipeline import load_split
+from proco_ray.data.prepare import reencode
+from proco_ray.data.transforms import decode, eval_view, normalize_batch
 from proco_ray.errors import DataError
-from proco_ray.pipeline import MANIFEST, load_split, read_manifest
-from proco_ray.prepare import reencode
-from proco_ray.storage import claim_output, join, list_files, read_bytes, resolve, storage_errors, write_bytes
-from proco_ray.transforms import decode, eval_view, normalize_batch
+from proco_ray.storage.s3 import claim_output, join, list_files, read_bytes, resolve, storage_errors, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MARKER = ".proco-ray-predict"  # marks an output folder as predict's own: --overwrite replaces only such a folder
@@ -92,7 +93,7 @@ class Predictor:
         the actors need no access to where it is stored)."""
         import ray
 
-        from proco_ray.evaluate import restore_model
+        from proco_ray.evaluation.evaluate import restore_model
 
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
@@ -159,14 +160,14 @@ def predict(
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
 
-    from proco_ray.evaluate import read_checkpoint
+    from proco_ray.evaluation.evaluate import read_checkpoint
 
     state = read_checkpoint(checkpoint_uri)
     prep = preprocessing_of(state)
     class_names = list(state["class_names"])
     temperature = 1.0
     if calibrated:
-        from proco_ray.evaluate import TEMPERATURE_FILE, saved_temperature
+        from proco_ray.evaluation.evaluate import TEMPERATURE_FILE, saved_temperature
 
         temperature = saved_temperature(checkpoint_uri)
         if temperature is None:
@@ -255,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proco_ray.cluster import connect_or_start_ray
+    from proco_ray.launch.cluster import connect_or_start_ray
 
     connect_or_start_ray()
     summary = predict(

@@ -25,17 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from proco_ray.config import Config, ConfigError, load_config, save_config
-from proco_ray.experiments import (
-    SEED_KEY,
-    Experiment,
-    TrialRecord,
-    experiment_base,
-    group_label,
-    load_experiment,
-    trial_config,
-    validate,
-)
-from proco_ray.results import write_results
+from proco_ray.experiments.results import write_results
+from proco_ray.experiments.spec import SEED_KEY, Experiment, experiment_base, load_experiment, trial_config, validate
+from proco_ray.experiments.stats import TrialRecord, group_label
 
 
 def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
@@ -65,8 +57,8 @@ def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads:
     import torch
 
     from proco_ray.config import config_from_dict
-    from proco_ray.feeds import local_feed
-    from proco_ray.train_loop import WorkerEnv, train_worker
+    from proco_ray.engine.feeds import local_feed
+    from proco_ray.engine.loop import WorkerEnv, train_worker
 
     torch.set_num_threads(threads)
     config = config_from_dict(config_dict)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from proco_ray.distributed import batch_shuffle, batch_unshuffle
+from proco_ray.engine.distributed import batch_shuffle, batch_unshuffle
 from proco_ray.errors import ProcoError
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")

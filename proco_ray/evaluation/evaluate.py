@@ -12,10 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from proco_ray.checkpoint import CheckpointError, load_checkpoint
-from proco_ray.cluster import connect_or_start_ray
 from proco_ray.config import config_from_dict
-from proco_ray.methods import build_method
+from proco_ray.data.manifest import read_manifest
+from proco_ray.data.pipeline import build_dataset
+from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
+from proco_ray.launch.cluster import connect_or_start_ray
+from proco_ray.method.registry import build_method
 from proco_ray.metrics import (
     calibration_error_of_bins,
     confusion_matrix,
@@ -24,9 +27,7 @@ from proco_ray.metrics import (
     reliability_bins,
     roc_auc_one_vs_rest,
 )
-from proco_ray.pipeline import build_dataset, read_manifest
-from proco_ray.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
-from proco_ray.storage import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 
 @contextlib.contextmanager

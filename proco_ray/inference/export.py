@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from proco_ray.storage import claim_output, join, resolve, storage_errors, write_bytes
-from proco_ray.transforms import IMAGENET_MEAN, IMAGENET_STD
+from proco_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"
 METADATA = "model.json"
@@ -42,7 +42,7 @@ class NormalisingClassifier(nn.Module):
 
 def inference_module(state: dict[str, Any]) -> NormalisingClassifier:
     """The checkpoint's classifier on the CPU in eval mode, taking [0, 1] images."""
-    from proco_ray.evaluate import restore_model
+    from proco_ray.evaluation.evaluate import restore_model
 
     _, model, _ = restore_model(state, device=torch.device("cpu"))
     return NormalisingClassifier(model.inference_network()).eval()
@@ -58,7 +58,7 @@ def export_program(module: nn.Module, image_size: int) -> torch.export.ExportedP
 
 def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | None) -> dict[str, Any]:
     """What a user of the exported program needs to feed it and read its output."""
-    from proco_ray.predict import preprocessing_of
+    from proco_ray.inference.predict import preprocessing_of
 
     prep = preprocessing_of(state)
     size = prep.image_size
@@ -92,7 +92,7 @@ def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | No
 
 def export(checkpoint_uri: str, out_uri: str, overwrite: bool = False) -> dict[str, Any]:
     """Write `model.pt2` and `model.json` for the checkpoint at `checkpoint_uri` into `out_uri` (local or s3://)."""
-    from proco_ray.evaluate import read_checkpoint, saved_temperature
+    from proco_ray.evaluation.evaluate import read_checkpoint, saved_temperature
 
     state = read_checkpoint(checkpoint_uri)
     temperature = saved_temperature(checkpoint_uri)

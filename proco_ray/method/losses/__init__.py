@@ -1,13 +1,13 @@
 """Loss functions: ProCo's equations (proco.py) and the baselines' losses (baselines.py)."""
 
-from proco_ray.losses.baselines import (
+from proco_ray.method.losses.baselines import (
     LDAMLoss,
     drw_class_weights,
     focal_loss,
     ohem_loss,
     supcon_loss,
 )
-from proco_ray.losses.proco import (
+from proco_ray.method.losses.proco import (
     PROTO_FORMS,
     PrototypeRecalibration,
     adversarial_negatives,

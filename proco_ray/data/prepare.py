@@ -27,13 +27,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import proco_ray
+from proco_ray.data.manifest import MANIFEST, Manifest, Shard, write_manifest
+from proco_ray.data.sources import KINDS, Source, listing, read_source
+from proco_ray.data.splits import MODES, make_split, split_counts
 from proco_ray.errors import DataError
-from proco_ray.sources import KINDS, Source, listing, read_source
-from proco_ray.splits import MODES, make_split, split_counts
-from proco_ray.storage import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
 
-MANIFEST = "manifest.json"
-FORMAT = "proco-ray-shards/1"
 MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
 
@@ -168,16 +167,11 @@ def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[
     }
 
 
-def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
-    """Written last and in one step: its presence means the shards are complete."""
-    write_bytes(join(output_uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
-
-
 # --------------------------------------------------------------------------- the job
 
 
 def _ensure_ray() -> None:
-    from proco_ray.cluster import connect_or_start_ray
+    from proco_ray.launch.cluster import connect_or_start_ray
 
     connect_or_start_ray()
 
@@ -262,34 +256,34 @@ def write_split(processed, split: str, fs: pafs.FileSystem, root: str, shard_mb:
 
 def build_manifest(
     source: Source,
+    output_uri: str,
     options: PrepareOptions,
     counts: dict[str, dict[str, int]],
     grouped: bool,
     skipped: list[dict[str, str]],
     shards: list[dict[str, Any]],
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "created_by": f"proco-ray {proco_ray.__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": source.kind,
-        "classes": source.classes,
-        "image_size": options.image_size,
-        "encoding": options.encoding,
-        "columns": {"image": "encoded image bytes", "label": "int64 class index", "id": "string", "split": "string"},
-        "counts": counts,
-        "split": {
+) -> Manifest:
+    return Manifest(
+        uri=output_uri,
+        classes=source.classes,
+        counts=counts,
+        image_size=options.image_size,
+        encoding=options.encoding,
+        shards=[Shard(**shard) for shard in shards],
+        split={
             "mode": options.split,
             "seed": options.seed,
             "test_fraction": options.test_fraction,
             "val_fraction": options.val_fraction,
             "grouped_by": source.group_source if grouped else None,
         },
-        "source": {"uri": source.uri, "format": source.kind, "fingerprint": source.fingerprint, "images": len(source.records)},
-        "options": asdict(options),
-        "skipped": skipped,
-        "shards": shards,
-    }
+        source={"uri": source.uri, "format": source.kind, "fingerprint": source.fingerprint, "images": len(source.records)},
+        skipped=skipped,
+        dataset=source.kind,
+        options=asdict(options),
+        created_by=f"proco-ray {proco_ray.__version__}",
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def prepare(
@@ -301,7 +295,8 @@ def prepare(
     groups: str | None = None,
     classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate, split, resize and encode a source, write shards and then the manifest; returns the manifest."""
+    """Validate, split, resize and encode a source, write shards and then the manifest; returns the manifest
+    document as written."""
     if options.encoding not in ENCODINGS:
         raise DataError(f"unknown encoding '{options.encoding}'; choose one of {list(ENCODINGS)}")
     if options.image_size < 8:
@@ -351,14 +346,14 @@ def prepare(
                     f"{output_uri}: wrote {sum(e['rows'] for e in entries)} {split} rows, expected {sum(per_class.values())}"
                 )
             shards += entries
-        manifest = build_manifest(source, options, counts, group_ids is not None, failed, shards)
+        manifest = build_manifest(source, output_uri, options, counts, group_ids is not None, failed, shards)
         write_manifest(output_uri, manifest)
     print(
         f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
         f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s",
         file=sys.stderr,
     )
-    return manifest
+    return manifest.to_dict()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,0 +1,1 @@
+"""Datasets as downloaded -> splits -> resized, encoded Parquet shards + manifest -> the Ray Data training input."""

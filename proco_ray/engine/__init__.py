@@ -1,0 +1,1 @@
+"""The per-worker training loop, without Ray: feeds, checkpoints, collectives."""

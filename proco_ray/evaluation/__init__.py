@@ -1,0 +1,1 @@
+"""A checkpoint's metrics on a prepared split, and the tables and plots of every report."""

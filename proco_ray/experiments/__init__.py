@@ -1,0 +1,1 @@
+"""Experiments as data (variants x seeds x search spaces), their validation, and the results of finished trials."""

@@ -1,0 +1,1 @@
+"""Using a trained model: batch prediction on Ray Data and the self-contained exported model."""

@@ -1,0 +1,1 @@
+"""ProCo and the baselines: losses (the paper's equations), the sample queue, networks, the method registry."""
