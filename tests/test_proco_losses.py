@@ -11,6 +11,7 @@ from proco_ray.method.losses import (
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
+    contrast_terms,
     embedding_std,
     proto_loss,
     supervised_infonce,
@@ -342,3 +343,29 @@ def test_collapsed_embedding_scores_worse_than_a_clustered_one_under_circle():
     clustered = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     loss = lambda s: unified_proto_loss(s, positive, ~positive, logits, labels, tau=0.1, form="circle").mean()  # noqa: E731
     assert loss(clustered) < loss(collapsed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contrast_terms_match_a_loop_over_every_instance(seed):
+    """Eq. 7's instance terms, built one (sample, instance) pair at a time: the contrast set by label, then the
+    valid negative and positive proto-instances; invalid ones in neither set."""
+    d = random_bank(seed)
+    q, bank, gamma = d["query"], d["bank_feats"], 3
+    same = d["labels"][:, None] == d["bank_labels"][None, :]
+    eps = torch.rand(5, gamma, generator=d["generator"]) * 0.4
+    negatives = adversarial_negatives(q, bank, d["bank_labels"], d["labels"], d["prototypes"], gamma, eps)
+    positives = adversarial_positives(q, bank, d["bank_labels"], d["bank_preds"], d["labels"], d["prototypes"], gamma, eps)
+    for proto_negatives, proto_positives in [(None, None), (negatives, positives), (negatives, None)]:
+        similarity, positive, negative = contrast_terms(q, bank, same, proto_negatives, proto_positives)
+        for i in range(q.shape[0]):
+            rows = [
+                (float(q[i] @ s), bool(d["labels"][i] == y), bool(d["labels"][i] != y)) for s, y in zip(bank, d["bank_labels"])
+            ]
+            for instances, in_positive in ((proto_negatives, False), (proto_positives, True)):
+                if instances is not None:
+                    rows += [
+                        (float(q[i] @ v), ok and in_positive, ok and not in_positive)
+                        for v, ok in zip(instances[0][i], instances[1][i].tolist())
+                    ]
+            assert positive[i].tolist() == [r[1] for r in rows] and negative[i].tolist() == [r[2] for r in rows]
+            torch.testing.assert_close(similarity[i], torch.tensor([r[0] for r in rows]), rtol=1e-5, atol=1e-5)

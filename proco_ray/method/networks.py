@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from proco_ray.config import ModelConfig
 from proco_ray.engine.distributed import batch_shuffle, batch_unshuffle
 from proco_ray.errors import ProcoError
 
@@ -103,35 +104,24 @@ class ProCoNetwork(nn.Module):
     gradients are synchronised.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        arch: str = "resnet50",
-        small_input: bool = False,
-        feat_dim: int = 128,
-        hidden_dim: int = 2048,
-        pretrained: str | None = None,
-        key_momentum: float = 0.999,
-        batch_norm: str = "shuffle",
-        norm: str = "batch",
-    ) -> None:
+    def __init__(self, num_classes: int, model: ModelConfig) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not 0.0 <= key_momentum <= 1.0:
-            raise ValueError(f"model.key_momentum must lie in [0, 1], got {key_momentum}")
-        if batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got '{batch_norm}'")
-        backbone, dim = build_backbone(arch, small_input, pretrained, norm)
-        self.encoder_q = Encoder(backbone, dim, feat_dim, hidden_dim)
-        if batch_norm == "sync":
+        if not 0.0 <= model.key_momentum <= 1.0:
+            raise ValueError(f"model.key_momentum must lie in [0, 1], got {model.key_momentum}")
+        if model.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got '{model.batch_norm}'")
+        backbone, dim = build_backbone(model.arch, model.small_input, model.pretrained, model.norm)
+        self.encoder_q = Encoder(backbone, dim, model.feat_dim, model.hidden_dim)
+        if model.batch_norm == "sync":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
-        self.prototypes = nn.Parameter(torch.empty(num_classes, feat_dim))
+        self.prototypes = nn.Parameter(torch.empty(num_classes, model.feat_dim))
         nn.init.kaiming_uniform_(self.prototypes, a=5**0.5)
-        self.key_momentum = key_momentum
-        self.shuffle_keys = batch_norm == "shuffle"
+        self.key_momentum = model.key_momentum
+        self.shuffle_keys = model.batch_norm == "shuffle"
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -195,23 +185,12 @@ class Classifier(nn.Module):
     """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head,
     `cosine=True` makes the classifier a CosineLinear (LDAM's margins and scale are meant for cosine logits)."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        arch: str = "resnet50",
-        small_input: bool = False,
-        feat_dim: int = 128,
-        hidden_dim: int = 2048,
-        pretrained: str | None = None,
-        norm: str = "batch",
-        projector: bool = False,
-        cosine: bool = False,
-    ) -> None:
+    def __init__(self, num_classes: int, model: ModelConfig, projector: bool = False, cosine: bool = False) -> None:
         super().__init__()
-        self.backbone, dim = build_backbone(arch, small_input, pretrained, norm)
+        self.backbone, dim = build_backbone(model.arch, model.small_input, model.pretrained, model.norm)
         self.fc = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
         self.projector = (
-            nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+            nn.Sequential(nn.Linear(dim, model.hidden_dim), nn.ReLU(inplace=True), nn.Linear(model.hidden_dim, model.feat_dim))
             if projector
             else None
         )

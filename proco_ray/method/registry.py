@@ -26,6 +26,7 @@ from proco_ray.method.losses import (
     PrototypeRecalibration,
     adversarial_negatives,
     adversarial_positives,
+    contrast_terms,
     drw_class_weights,
     embedding_std,
     focal_loss,
@@ -92,8 +93,7 @@ class Method(nn.Module):
         self.class_counts = [int(c) for c in class_counts]
 
     def build_model(self) -> nn.Module:
-        m = self.model_cfg
-        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm)
+        return Classifier(self.num_classes, self.model_cfg)
 
     @classmethod
     def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
@@ -164,8 +164,7 @@ class LDAMDRW(Method):
         self.register_buffer("class_weights", drw_class_weights(self.class_counts, cfg.drw_beta))
 
     def build_model(self) -> nn.Module:
-        m = self.model_cfg
-        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm, cosine=True)
+        return Classifier(self.num_classes, self.model_cfg, cosine=True)
 
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
         logits, labels = _labelled_logits(model, batch)
@@ -202,8 +201,7 @@ class SupConLinear(Method):
             raise ValueError(f"method.pretrain_fraction must lie in (0, 1), got {cfg.pretrain_fraction}")
 
     def build_model(self) -> nn.Module:
-        m = self.model_cfg
-        return Classifier(self.num_classes, m.arch, m.small_input, m.feat_dim, m.hidden_dim, m.pretrained, m.norm, projector=True)
+        return Classifier(self.num_classes, self.model_cfg, projector=True)
 
     @classmethod
     def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
@@ -287,18 +285,7 @@ class ProCo(Method):
         return self.cfg.proto_instances and self.cfg.gamma > 0 and self.cfg.loss == "proto"
 
     def build_model(self) -> nn.Module:
-        m = self.model_cfg
-        return ProCoNetwork(
-            self.num_classes,
-            m.arch,
-            m.small_input,
-            m.feat_dim,
-            m.hidden_dim,
-            m.pretrained,
-            m.key_momentum,
-            m.batch_norm,
-            m.norm,
-        )
+        return ProCoNetwork(self.num_classes, self.model_cfg)
 
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
         labels = batch["label"]
@@ -341,23 +328,21 @@ class ProCo(Method):
         if self.cfg.recalibration:
             self.recalibration.update(logits.detach(), labels)
             logits = logits + self.recalibration.log_weights.to(logits.dtype)
-        similarity, positive, negative = [q @ bank.T], [same], [~same]
         logs: dict[str, Tensor] = {}
+        proto_negatives = proto_positives = None
         if self.uses_proto_instances:
             batch, gamma = labels.shape[0], self.cfg.gamma
             eps_neg = self._draw_eps(batch, q.device)
             eps_pos = self._draw_eps(batch, q.device)
-            adv_neg, neg_valid = adversarial_negatives(q, bank, bank_labels, labels, prototypes, gamma, eps_neg)
-            adv_pos, pos_valid = adversarial_positives(q, bank, bank_labels, bank_preds, labels, prototypes, gamma, eps_pos)
-            similarity += [torch.einsum("bk,bgk->bg", q, adv_neg.to(q.dtype)), torch.einsum("bk,bgk->bg", q, adv_pos.to(q.dtype))]
-            positive += [torch.zeros_like(neg_valid), pos_valid]
-            negative += [neg_valid, torch.zeros_like(pos_valid)]
-            logs["proto_instances_neg"] = neg_valid.float().sum(1).mean()
-            logs["proto_instances_pos"] = pos_valid.float().sum(1).mean()
+            proto_negatives = adversarial_negatives(q, bank, bank_labels, labels, prototypes, gamma, eps_neg)
+            proto_positives = adversarial_positives(q, bank, bank_labels, bank_preds, labels, prototypes, gamma, eps_pos)
+            logs["proto_instances_neg"] = proto_negatives[1].float().sum(1).mean()
+            logs["proto_instances_pos"] = proto_positives[1].float().sum(1).mean()
+        similarity, positive, negative = contrast_terms(q, bank, same, proto_negatives, proto_positives)
         per_sample = unified_proto_loss(
-            torch.cat(similarity, 1),
-            torch.cat(positive, 1),
-            torch.cat(negative, 1),
+            similarity,
+            positive,
+            negative,
             logits,
             labels,
             tau=self.cfg.tau,

@@ -74,6 +74,34 @@ def proto_loss(pos: Tensor, neg: Tensor, pos_mask: Tensor | None = None, neg_mas
 PROTO_FORMS = ("eq7", "mean", "split", "circle")
 
 
+def contrast_terms(
+    q: Tensor,
+    bank: Tensor,
+    same: Tensor,
+    proto_negatives: tuple[Tensor, Tensor] | None = None,
+    proto_positives: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 7's instance terms of each sample i: (similarity, positive, negative), each [B, N].
+
+    The columns are the contrast set (bank [M, d]: the queue and every rank's keys; s in H+ where
+    same[i, j], the label is shared, else in H-), then the negative proto-instances (Eq. 1-2, in H-)
+    and the positive ones (Eq. 3, in H+), each given as (instances [B, gamma, d], valid [B, gamma]);
+    an invalid proto-instance is in neither set.
+    """
+    similarity, positive, negative = [q @ bank.T], [same], [~same]
+    if proto_negatives is not None:
+        instances, valid = proto_negatives
+        similarity.append(torch.einsum("bk,bgk->bg", q, instances.to(q.dtype)))
+        positive.append(torch.zeros_like(valid))
+        negative.append(valid)
+    if proto_positives is not None:
+        instances, valid = proto_positives
+        similarity.append(torch.einsum("bk,bgk->bg", q, instances.to(q.dtype)))
+        positive.append(valid)
+        negative.append(torch.zeros_like(valid))
+    return torch.cat(similarity, 1), torch.cat(positive, 1), torch.cat(negative, 1)
+
+
 def _log_mean_exp(x: Tensor, mask: Tensor) -> Tensor:
     """log mean_{mask} e^x per row; -inf for a row with no entry."""
     count = mask.sum(dim=1).to(x.dtype)
