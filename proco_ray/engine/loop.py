@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def say(line: str) -> None:
+    """A progress line on stdout, written directly: Ray Train patches print() into its logger, whose console
+    handler and Ray's stdout forwarding then showed every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def seed_everything(seed: int) -> None:
@@ -131,7 +139,7 @@ def train_one_epoch(
         steps += 1
         images += batch["label"].shape[0]
         if progress_every and steps % progress_every == 0:
-            print(_step_progress(epoch, steps, max_steps, images, time.perf_counter() - start), flush=True)
+            say(_step_progress(epoch, steps, max_steps, images, time.perf_counter() - start))
     if int(first_bad_step) >= 0:
         raise FloatingPointError(f"loss became {float(totals['loss'])} at epoch {epoch}, step {int(first_bad_step)}")
     if steps == 0:
@@ -356,13 +364,12 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                 epochs_run += 1
                 if env.print_progress and rank == 0:
                     per_epoch = (time.perf_counter() - run_start) / epochs_run
-                    print(
+                    say(
                         f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {metrics['train/loss']:.4f} "
                         f"val acc {metrics['val/accuracy']:.3f} macro-F1 {metrics['val/macro_f1']:.3f} "
                         f"bal-acc {metrics['val/balanced_accuracy']:.3f} (best epoch {best[BEST_EPOCH]}) "
                         f"| {metrics['train/images_per_s']:.0f} img/s | ETA {per_epoch * (total_epochs - epoch - 1):.0f}s"
-                        + (f" | {collapse}" if collapse else ""),
-                        flush=True,
+                        + (f" | {collapse}" if collapse else "")
                     )
                 checkpoint_state = {
                     "config": config.to_dict(),

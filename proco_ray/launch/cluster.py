@@ -66,8 +66,10 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     """Join the cluster this process belongs to (`ray submit`, `ray job submit`, RAY_ADDRESS) or start a local one.
 
     A local Ray gets `local_cpus(min_cpus)` logical CPUs (this machine's cores, one more where a run
-    needs it for its Ray Data CPU). `join_existing=False` always starts a fresh
-    local Ray (the one-machine demo). Returns True when a local Ray was started here.
+    needs it for its Ray Data CPU), and its dashboard on 127.0.0.1 only: Ray Train's placement-group
+    cleaner asks the dashboard's state API every second whether the run is alive and, without it, printed
+    a warning each time. `join_existing=False` always starts a fresh local Ray (the one-machine demo).
+    Returns True when a local Ray was started here.
     """
     if ray.is_initialized():
         return False
@@ -75,7 +77,7 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=False)
+    ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
 

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
@@ -89,20 +89,29 @@ def train_dataset_factory(
     data = config.data
 
     def build() -> ray.data.Dataset:
-        return build_dataset(
-            data.uri,
-            data.train_split,
-            train=True,
-            resample=source.resample,
-            augmentation=source.augmentation,
-            views=source.views,
-            image_size=data.image_size,
-            seed=config.train.seed,
-            first_epoch=resumed_epoch(run_path, filesystem),
-            stored=stored,
+        return without_progress_bars(
+            build_dataset(
+                data.uri,
+                data.train_split,
+                train=True,
+                resample=source.resample,
+                augmentation=source.augmentation,
+                views=source.views,
+                image_size=data.image_size,
+                seed=config.train.seed,
+                first_epoch=resumed_epoch(run_path, filesystem),
+                stored=stored,
+            )
         )
 
     return build
+
+
+def without_progress_bars(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """The training loop prints its own progress; Ray Data's bars, drawn in workers without a terminal,
+    came out as screens of blank lines."""
+    dataset.context.enable_progress_bars = False
+    return dataset
 
 
 def build_datasets(config: Config, manifest: Manifest, run_path: str, filesystem: pafs.FileSystem | None) -> dict[str, Any]:
@@ -113,9 +122,9 @@ def build_datasets(config: Config, manifest: Manifest, run_path: str, filesystem
     datasets: dict[str, Any] = {
         source.key: train_dataset_factory(config, source, stored, run_path, filesystem) for source in train_inputs(config)
     }
-    datasets[data.val_split] = build_dataset(data.uri, data.val_split, train=False, **common)
+    datasets[data.val_split] = without_progress_bars(build_dataset(data.uri, data.val_split, train=False, **common))
     if data.test_split in manifest.splits:
-        datasets[data.test_split] = build_dataset(data.uri, data.test_split, train=False, **common)
+        datasets[data.test_split] = without_progress_bars(build_dataset(data.uri, data.test_split, train=False, **common))
     return datasets
 
 
@@ -247,6 +256,7 @@ def build_trainer(
             resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
         ),
         run_config=RunConfig(
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines; Train's INFO repeats each report
             name=config.train.name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
