@@ -204,7 +204,7 @@ def test_mean_std_and_its_formatting():
     assert format_mean_std(mean, std, 3) == "0.800 ± 0.100"
     assert format_mean_std(0.5, 0.0, 1) == "0.500 (n=1)"
     assert format_mean_std(math.nan, math.nan, 0) == "–"
-    assert asha_rungs(4, 1, 2) == [1, 2]
+    assert asha_rungs(4, 1, 2) == [1, 2, 4]  # Ray's milestones, max_t included when it is one
     assert asha_rungs(200, 20, 3) == [20, 60, 180]
 
 

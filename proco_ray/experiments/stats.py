@@ -1,4 +1,4 @@
-"""Finished trials -> mean ± std over seeds per group, tables, per-epoch curves: pure, no Ray."""
+"""Finished trials -> mean ± std over seeds per group, tables, per-epoch curves (no Ray session needed)."""
 
 from __future__ import annotations
 
@@ -193,9 +193,14 @@ def curves(records: Sequence[TrialRecord], metric: str) -> dict[str, list[tuple[
 
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
-    """The epochs at which ASHA compares trials: grace_period x reduction_factor^k below max_t (as Ray's ASHA)."""
-    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
-    return [grace_period * reduction_factor**k for k in range(count) if grace_period * reduction_factor**k < max_t]
+    """The epochs at which ASHA compares trials, read from Ray's own scheduler so that they cannot drift from it
+    (a hand-written formula had dropped the rung at max_t)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(
+        time_attr="epoch", metric="m", mode="max", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor
+    )
+    return sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
 
 
 def product_labels(experiment: Experiment) -> list[str]:
