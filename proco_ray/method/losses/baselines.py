@@ -18,21 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from proco_ray.method.losses.checks import check_labels
+
 __all__ = ["LDAMLoss", "drw_class_weights", "focal_loss", "ohem_loss", "supcon_loss"]
-
-
-def _check_labels(labels: Tensor, batch: int, num_classes: int | None) -> None:
-    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
-    if labels.ndim != 1 or labels.shape[0] != batch:
-        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if num_classes is None or batch == 0 or labels.device.type != "cpu":
-        return  # on a device, reading the range would stall it; pipeline.load_split range-checks labels
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0:
-        raise ValueError(f"labels must be in [0, {num_classes}), got min {lo}")
-    if hi >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}), got max {hi}")
 
 
 def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
@@ -40,7 +28,7 @@ def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"logits must have shape (B, C) with B, C > 0, got {tuple(logits.shape)}")
-    _check_labels(labels, logits.shape[0], logits.shape[1])
+    check_labels(labels, logits.shape[0], logits.shape[1])
 
 
 def _check_class_weight(weight: Tensor | None, num_classes: int) -> None:
@@ -187,7 +175,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> T
     if features.ndim != 3 or 0 in features.shape:
         raise ValueError(f"features must have shape (B, V, k) with B, V, k > 0, got {tuple(features.shape)}")
     batch, views, _ = features.shape
-    _check_labels(labels, batch, None)
+    check_labels(labels, batch)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 

@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proco_ray.method.losses.checks import check_labels
+
 
 def _check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None = None) -> None:
     if x.dim() != 2:
@@ -18,17 +20,6 @@ def _check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | Non
         raise ValueError(f"{name} must have {rows} rows, got shape {tuple(x.shape)}")
     if cols is not None and x.shape[1] != cols:
         raise ValueError(f"{name} must have {cols} columns, got shape {tuple(x.shape)}")
-
-
-def _check_labels(name: str, labels: Tensor, length: int, num_classes: int) -> None:
-    """Shape and dtype always; the value range only on the host, where reading it does not stall a device
-    (labels enter training through pipeline.load_split, which range-checks them)."""
-    if labels.dim() != 1 or labels.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if length and labels.device.type == "cpu" and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{name} must be in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
 def _check_mask(name: str, mask: Tensor | None, like: Tensor) -> None:
@@ -209,8 +200,8 @@ def _check_adversarial_inputs(
     _check_matrix("bank_feats", bank_feats, cols=dim)
     _check_matrix("prototypes", prototypes, cols=dim)
     num_classes = prototypes.shape[0]
-    _check_labels("labels", labels, batch, num_classes)
-    _check_labels("bank_labels", bank_labels, bank_feats.shape[0], num_classes)
+    check_labels(labels, batch, num_classes, "labels")
+    check_labels(bank_labels, bank_feats.shape[0], num_classes, "bank_labels")
     if eps.shape != (batch, gamma):
         raise ValueError(f"eps must have shape ({batch}, {gamma}), got {tuple(eps.shape)}")
     if eps.numel() and (float(eps.min()) < 0 or float(eps.max()) >= 1):
@@ -290,7 +281,7 @@ def adversarial_positives(
     Returns constants (no gradient): feats [B, gamma, k] and mask [B, gamma].
     """
     _check_adversarial_inputs(query, bank_feats, bank_labels, labels, prototypes, gamma, eps)
-    _check_labels("bank_preds", bank_preds, bank_feats.shape[0], prototypes.shape[0])
+    check_labels(bank_preds, bank_feats.shape[0], prototypes.shape[0], "bank_preds")
     candidates = (bank_labels[None, :] == labels[:, None]) & (bank_preds[None, :] != labels[:, None])
     wrong_class = bank_preds[None, :].expand_as(candidates)
     return _mix_with_prototypes(query, bank_feats, candidates, wrong_class, prototypes, gamma, eps, farthest=True)
@@ -322,7 +313,7 @@ class PrototypeRecalibration(nn.Module):
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor) -> None:
         _check_matrix("logits", logits, cols=self.num_classes)
-        _check_labels("labels", labels, logits.shape[0], self.num_classes)
+        check_labels(labels, logits.shape[0], self.num_classes, "labels")
         own = torch.sigmoid(logits.float().gather(1, labels[:, None]).squeeze(1))
         stats = torch.zeros(2, self.num_classes, device=self.weights.device)
         stats[0].index_add_(0, labels.to(stats.device), own.to(stats.device))
