@@ -60,8 +60,6 @@ def encode_image(image: Any, size: int, encoding: str, quality: int) -> bytes:
     """A PIL image -> RGB, squashed to size x size (the aspect is not kept), encoded as JPEG or PNG."""
     from PIL import Image
 
-    if getattr(image, "format", None) == "JPEG":
-        image.draft("RGB", (size, size))
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     image.save(out, format=ENCODINGS[encoding], **({"quality": quality} if encoding == "jpeg" else {}))

@@ -23,12 +23,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from proco_ray.data.manifest import MANIFEST, read_manifest
+from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
 from proco_ray.data.transforms import decode, eval_view, normalize_batch
 from proco_ray.errors import DataError
-from proco_ray.storage.s3 import claim_output, join, list_files, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import claim_output, join, list_files, resolve, storage_errors, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MARKER = ".proco-ray-predict"  # marks an output folder as predict's own: --overwrite replaces only such a folder
@@ -49,7 +49,7 @@ def preprocessing_of(state: dict[str, Any]) -> Preprocessing:
     config = state["config"]
     size = int(config["data"]["image_size"])
     try:
-        options = json.loads(read_bytes(join(config["data"]["uri"], MANIFEST)) or b"{}").get("options", {})
+        options = read_manifest(config["data"]["uri"]).options
     except Exception:  # the training data may live where this machine cannot reach it
         options = {}
     return Preprocessing(size, options.get("encoding"), int(options.get("quality", 95)))

@@ -208,10 +208,11 @@ def sweep(
     latest checkpoints.
     """
     plan = validate_sweep(experiment, base, ray.cluster_resources(), feed_factory, max_concurrent)
+    nodes = live_nodes()
     for config in plan.configs:
         check_paths_reach_every_node(
             {"data.uri": config.data.uri if feed_factory is None else "", "--storage-path": storage_path},
-            live_nodes(),
+            nodes,
             config.train.shared_filesystem,
         )
     storage = storage_path if is_s3(storage_path) else os.path.abspath(storage_path)
