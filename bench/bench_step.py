@@ -14,6 +14,8 @@ import argparse
 import os
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,21 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def host_syncs(step: Callable[[], None], device: torch.device) -> str:
+    """Host synchronisations in one step, counted by CUDA's sync debug mode ('-' where there is no CUDA)."""
+    if device.type != "cuda":
+        return "-"
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return str(sum("synchroniz" in str(w.message) for w in caught))
+
+
 def moco_infonce_loss(method: ProCo, model, batch) -> torch.Tensor:
     """MoCo v2's own step (positive q.k, negatives from the queue) on the same network: the reference cost."""
     out = model(batch["view_q"], batch["view_k"])
@@ -78,6 +95,7 @@ def step_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 "label": torch.randint(0, args.classes, (batch_size,), generator=g).to(device),
             }
             row = {"batch": batch_size, "queue M": queue_size}
+            syncs: list[str] = []
             for label, overrides in variants.items():
                 torch.manual_seed(0)
                 cfg = MethodConfig(queue_size=queue_size, gamma=20, **overrides)
@@ -105,6 +123,8 @@ def step_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
                 seconds = time_steps(step, device, args.warmup, args.steps)
                 row[label] = batch_size / seconds
+                syncs.append(host_syncs(step, device))
+            row["host syncs per step"] = "/".join(syncs)
             rows.append(row)
     for row in rows:
         moco, full, ce = row["MoCo two-view (InfoNCE)"], row["ProCo full (gamma 20, recal.)"], row["CE"]

@@ -77,6 +77,8 @@ class MethodConfig:
     drw_start_fraction: float = 0.8
     drw_beta: float = 0.9999
     ohem_keep_ratio: float = 0.5
+    danil_weight: float = 0.1
+    danil_eps: float = 1.0
     supcon_temperature: float = 0.1
     pretrain_fraction: float = 0.5
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proco_ray.method.losses.baselines import LDAMLoss, drw_class_weights, focal_loss, ohem_loss, supcon_loss
+from proco_ray.method.losses.baselines import (
+    LDAMLoss,
+    distractor_aware_loss,
+    distractor_classes,
+    drw_class_weights,
+    focal_loss,
+    ohem_loss,
+    supcon_loss,
+)
 
 COUNTS = [500, 120, 60, 30, 9, 4, 1]
 
@@ -23,6 +31,67 @@ def _random_batch(batch: int = 16, classes: int = 7, scale: float = 3.0) -> tupl
     logits = torch.randn(batch, classes, dtype=torch.float64) * scale
     labels = torch.randint(0, classes, (batch,))
     return logits, labels
+
+
+# ---------------------------------------------------------------- DANIL's distractor-aware loss
+
+
+def test_distractor_is_the_top_scoring_wrong_class():
+    logits, labels = _random_batch(40)
+    distractors = distractor_classes(logits, labels)
+    for row, label, distractor in zip(logits.tolist(), labels.tolist(), distractors.tolist()):
+        wrong = [c for c in range(len(row)) if c != label]
+        assert distractor == max(wrong, key=lambda c: row[c])
+
+
+def _danil_setup(batch: int = 6, classes: int = 5) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    neurons = torch.randn(batch, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(12, classes).double()
+    return neurons, head, torch.randint(0, classes, (batch,))
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.1])
+def test_distractor_aware_loss_matches_loop_with_its_gradient(eps):
+    """Each sample's unit gradients taken one sample at a time (the head treats samples independently)."""
+    neurons, head, labels = _danil_setup()
+    loss = distractor_aware_loss(head(neurons.flatten(1)), neurons, labels, eps)
+    (loss_grad,) = torch.autograd.grad(loss, head.weight)
+
+    terms = []
+    for i in range(len(labels)):
+        logits = head(neurons[i].flatten())
+        wrong = [c for c in range(logits.shape[0]) if c != int(labels[i])]
+        distractor = max(wrong, key=lambda c: float(logits[c].detach()))
+        units = []
+        for target in (int(labels[i]), distractor):
+            nll = -F.log_softmax(logits, dim=0)[target]
+            (grad,) = torch.autograd.grad(nll, neurons, create_graph=True)
+            units.append(grad[i].flatten() / grad[i].norm())
+        terms.append(1.0 / ((units[0] - units[1]).pow(2).sum() + eps))
+    expected = torch.stack(terms).mean()
+    (expected_grad,) = torch.autograd.grad(expected, head.weight)
+    assert torch.allclose(loss, expected, atol=1e-12)
+    assert torch.allclose(loss_grad, expected_grad, atol=1e-10)
+    assert 1 / (4 + eps) <= float(loss) <= 1 / eps
+
+
+def test_distractor_aware_loss_trains_the_layers_below_the_neurons_in_bf16():
+    """Double back-propagation reaches the parameters that made the neurons, also under bf16 inputs."""
+    torch.manual_seed(0)
+    below, head = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(64, 5)
+    neurons = torch.tanh(below(torch.randn(8, 3, 4, 4)))
+    loss = distractor_aware_loss(head(neurons.flatten(1)).bfloat16(), neurons, torch.randint(0, 5, (8,)))
+    loss.backward()
+    assert torch.isfinite(loss) and below.weight.grad is not None and below.weight.grad.abs().sum() > 0
+
+
+def test_distractor_aware_loss_refuses_neurons_without_a_graph():
+    neurons, head, labels = _danil_setup()
+    with pytest.raises(ValueError, match="neurons"):
+        distractor_aware_loss(head(neurons.flatten(1)), neurons.detach(), labels)
+    with pytest.raises(ValueError, match="eps"):
+        distractor_aware_loss(head(neurons.flatten(1)), neurons, labels, eps=0.0)
 
 
 # ---------------------------------------------------------------- focal loss

@@ -172,3 +172,34 @@ def test_each_method_reads_its_augmentation_and_views():
     assert inputs("ce", "moco_v2") == [TrainInput(False, "moco_v2", 1)]
     with pytest.raises(ValueError, match="data.augmentation must be 'auto' or one of"):
         inputs("ce", "randaugment")
+
+
+META_CASES = (
+    [(name, {}) for name in sorted(METHODS)]
+    + [("proco", {"proto_form": form}) for form in ("split", "mean", "circle")]
+    + [("proco", {"loss": "infonce"})]
+)
+
+
+@pytest.mark.parametrize("name,overrides", META_CASES)
+def test_no_training_step_reads_a_device_value(name, overrides):
+    """Every method's step and backward run on the meta device, where reading any value back (.item(),
+    float(), a data-dependent shape) raises: on CUDA the same step never waits for the device."""
+    from proco_ray.config import MethodConfig, ModelConfig
+
+    cfg = MethodConfig(name=name, queue_size=64, gamma=5, **overrides)
+    model_cfg = ModelConfig(arch="resnet18", small_input=True, feat_dim=16, hidden_dim=32, batch_norm="plain")
+    method = build_method(cfg, model_cfg, 4, [8, 4, 2, 1])
+    model = method.build_model()
+    meta = torch.device("meta")
+    method.to(meta), model.to(meta)
+    method._draw_eps = lambda batch, device: torch.empty(batch, cfg.gamma, device=device)  # no meta generator
+    batch = {
+        "view_q": torch.empty(8, 3, 8, 8, device=meta),
+        "view_k": torch.empty(8, 3, 8, 8, device=meta),
+        "label": torch.empty(8, dtype=torch.long, device=meta),
+    }
+    for stage in method.stages(4):
+        method.enter_stage(model, stage)
+        for _ in range(2):  # the second step reads a filled queue
+            method.training_loss(model, batch, 3, stage).loss.backward()

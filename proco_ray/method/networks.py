@@ -81,6 +81,16 @@ def build_backbone(
     return model, dim
 
 
+def resnet_neurons(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(layer3's feature map, the pooled features) of a `build_backbone` ResNet in one pass.
+
+    DANIL's neurons: layer4's gradient is the same at every position under global pooling, layer3's is not.
+    """
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+    neurons = backbone.layer3(backbone.layer2(backbone.layer1(x)))
+    return neurons, torch.flatten(backbone.avgpool(backbone.layer4(neurons)), 1)
+
+
 class Encoder(nn.Module):
     """f with its two heads: G (contrastive, normalised) and F (classification, Linear -> ReLU)."""
 
@@ -202,7 +212,11 @@ class Classifier(nn.Module):
         """What `classify` uses (no projection head): the module to export."""
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.fc))
 
-    def forward(self, images: Tensor, project: bool = False) -> Tensor:
+    def forward(self, images: Tensor, project: bool = False, neurons: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with `project`, the normalised projection; with `neurons`, (logits, layer3's feature map)."""
+        if neurons:
+            feature_map, h = resnet_neurons(self.backbone, images)
+            return self.fc(h), feature_map
         h = self.backbone(images)
         if not project:
             return self.fc(h)

@@ -27,6 +27,7 @@ from proco_ray.method.losses import (
     adversarial_negatives,
     adversarial_positives,
     contrast_terms,
+    distractor_aware_loss,
     drw_class_weights,
     embedding_std,
     focal_loss,
@@ -186,6 +187,27 @@ class OHEM(Method):
         logits, labels = _labelled_logits(model, batch)
         loss = ohem_loss(logits, labels, self.cfg.ohem_keep_ratio)
         return LossOutput(loss, {"ohem": loss.detach()})
+
+
+class DANIL(Method):
+    """DANIL (Gong et al., MICCAI 2020): CE plus the distractor-aware loss on layer3's neurons, one stage,
+    instance-balanced. Reconstructed from the paper's description (no code was published): docs/method.md."""
+
+    name = "danil"
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if cfg.danil_weight < 0 or not cfg.danil_eps > 0:
+            raise ValueError(
+                f"method.danil_weight must be >= 0 and method.danil_eps > 0, got {cfg.danil_weight}, {cfg.danil_eps}"
+            )
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        logits, neurons = model(batch["view_q"], neurons=True)
+        labels = batch["label"]
+        ce = F.cross_entropy(logits, labels)
+        distractor = distractor_aware_loss(logits, neurons, labels, self.cfg.danil_eps)
+        return LossOutput(ce + self.cfg.danil_weight * distractor, {"ce": ce.detach(), "distractor": distractor.detach()})
 
 
 class SupConLinear(Method):
@@ -371,6 +393,7 @@ METHODS: dict[str, type[Method]] = {
         Focal,
         LDAMDRW,
         OHEM,
+        DANIL,
         SupConLinear,
         SupConLinearResample,
     )

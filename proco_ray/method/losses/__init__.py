@@ -2,6 +2,8 @@
 
 from proco_ray.method.losses.baselines import (
     LDAMLoss,
+    distractor_aware_loss,
+    distractor_classes,
     drw_class_weights,
     focal_loss,
     ohem_loss,
@@ -30,6 +32,8 @@ __all__ = [
     "supervised_infonce",
     "unified_proto_loss",
     "LDAMLoss",
+    "distractor_aware_loss",
+    "distractor_classes",
     "drw_class_weights",
     "focal_loss",
     "ohem_loss",

@@ -1,4 +1,4 @@
-"""Losses of the paper's baselines: focal, LDAM(-DRW), OHEM and SupCon.
+"""Losses of the paper's baselines: focal, LDAM(-DRW), OHEM, SupCon and DANIL's distractor-aware term.
 
 Every function validates its inputs eagerly and raises a ``ValueError`` naming
 the offending argument: a silently broadcast shape or an out-of-range label
@@ -20,7 +20,15 @@ from torch import Tensor
 
 from proco_ray.method.losses.checks import check_labels
 
-__all__ = ["LDAMLoss", "drw_class_weights", "focal_loss", "ohem_loss", "supcon_loss"]
+__all__ = [
+    "LDAMLoss",
+    "distractor_aware_loss",
+    "distractor_classes",
+    "drw_class_weights",
+    "focal_loss",
+    "ohem_loss",
+    "supcon_loss",
+]
 
 
 def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
@@ -194,3 +202,39 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> T
     per_anchor = positive_log_prob / num_positive.clamp_min(1)
     num_anchors = (num_positive > 0).sum().clamp_min(1)
     return -per_anchor.sum() / num_anchors
+
+
+def distractor_classes(logits: Tensor, labels: Tensor) -> Tensor:
+    """DANIL's distractor of each sample: the wrong class the classifier scores highest (no gradient)."""
+    return logits.detach().scatter(1, labels[:, None].long(), float("-inf")).argmax(dim=1)
+
+
+def distractor_aware_loss(logits: Tensor, neurons: Tensor, labels: Tensor, eps: float = 1.0) -> Tensor:
+    """DANIL's distractor-aware loss (Gong et al., MICCAI 2020), as reconstructed in docs/method.md.
+
+        L_DA = 1/B sum_i 1 / (|| g_i(y_i) - g_i(d_i) ||^2 + eps),  g_i(c) = grad_{A_i} CE(z_i, c) / ||.||
+
+    A_i is sample i's neurons (a feature map the logits are computed from), d_i its distractor
+    (`distractor_classes`). The "neuron intrinsic" response of an image to a class is the unit gradient of
+    that class's loss at the neurons; the loss is lowest when the responses to the true class and to the
+    distractor point apart. The gradients keep their graph (double back-propagation), so L_DA trains the
+    network. Normalising keeps the network from growing the distance by inflating its input sensitivity.
+    Per-sample gradients come from one gradient of the summed loss: exact when samples do not interact
+    after `neurons` (BatchNorm in training mode couples them slightly).
+    """
+    _check_logits_labels(logits, labels)
+    if neurons.shape[0] != logits.shape[0] or not neurons.requires_grad:
+        raise ValueError(
+            f"neurons must be a ({logits.shape[0]}, ...) tensor the logits were computed from, "
+            f"got shape {tuple(neurons.shape)}, requires_grad={neurons.requires_grad}"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    scores = logits.to(_float_dtype(logits.dtype))
+    distractors = distractor_classes(scores, labels)
+    responses = []
+    for target in (labels.long(), distractors):
+        (grad,) = torch.autograd.grad(F.cross_entropy(scores, target, reduction="sum"), neurons, create_graph=True)
+        responses.append(F.normalize(grad.flatten(1).to(scores.dtype), dim=1))
+    distance = (responses[0] - responses[1]).pow(2).sum(dim=1)
+    return (1.0 / (distance + eps)).mean()
