@@ -79,6 +79,7 @@ class MethodConfig:
     ohem_keep_ratio: float = 0.5
     danil_weight: float = 0.1
     danil_eps: float = 1.0
+    mtl_weight: float = 1.0
     supcon_temperature: float = 0.1
     pretrain_fraction: float = 0.5
 
@@ -134,7 +135,8 @@ class Config:
         return need
 
 
-def _closest(key: str, valid: typing.Iterable[str]) -> str:
+def closest_match(key: str, valid: typing.Iterable[str]) -> str:
+    """'; did you mean X?' for the valid name closest to `key` ('' when there is none)."""
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
     return f"; did you mean '{match[0]}'?" if match else ""
 
@@ -184,7 +186,7 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
                 continue
             raise ConfigError(f"config key '{path}' was removed: {reason}")
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{_closest(key, fields)}")
+            raise ConfigError(f"unknown config key '{path}'{closest_match(key, fields)}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value, path)
@@ -198,25 +200,29 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
+def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """{'method.gamma': 4} -> {'method': {'gamma': 4}}: the one dotted-key reader (CLI overrides, experiment files)."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = tree
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{section}' is not a section")
+        node[leaf] = value
+    return tree
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Turn ['method.gamma=10', 'train.num_workers=2'] into a nested dict (YAML-typed values)."""
-    tree: dict[str, Any] = {}
+    dotted: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
+        dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return nest(dotted)
 
 
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

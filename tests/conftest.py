@@ -119,7 +119,8 @@ def make_isic(
                 (image_dir / f"{image_id}.jpg").write_bytes(image_bytes(label, i))
                 rows.append([image_id] + [f"{float(c == label):.1f}" for c in range(len(ISIC_CLASSES))])
                 lesion = f"HAM_{folder[0]}{label}{i // images_per_lesion:04d}"
-                meta.append([lesion, image_id, ISIC_CLASSES[label].lower(), "histo", 50, "male", "back"])
+                site = ("back", "face", "unknown", "lower extremity")[i % 4]
+                meta.append([lesion, image_id, ISIC_CLASSES[label].lower(), "histo", 50, "male", site])
         write_csv(root / f"ISIC2018_Task3_{folder}_GroundTruth.csv", ["image", *ISIC_CLASSES], rows)
     header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
     write_csv(root / "HAM10000_metadata.csv", header, meta)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from proco_ray.config import MethodConfig, ModelConfig
 from proco_ray.method.registry import METHODS, build_method, unwrap
@@ -17,6 +18,7 @@ def fixed_batch(seed=0, batch=12):
         "view_q": images + 0.1 * torch.randn(images.shape, generator=g),
         "view_k": images + 0.1 * torch.randn(images.shape, generator=g),
         "label": torch.arange(batch) % CLASSES,
+        "location": torch.arange(batch) % 5 - 1,  # MTL's body sites, -1 where unknown
     }
 
 
@@ -142,7 +144,7 @@ def test_bad_proco_settings_name_the_argument(field, value):
 
 def test_unknown_method_and_bad_counts():
     with pytest.raises(ValueError, match="method.name"):
-        build_method(MethodConfig(name="mtl"), TINY, CLASSES, [1, 1, 1])
+        build_method(MethodConfig(name="no_such_method"), TINY, CLASSES, [1, 1, 1])
     with pytest.raises(ValueError, match="class_counts"):
         build_method(MethodConfig(), TINY, CLASSES, [1, 1])
 
@@ -198,8 +200,27 @@ def test_no_training_step_reads_a_device_value(name, overrides):
         "view_q": torch.empty(8, 3, 8, 8, device=meta),
         "view_k": torch.empty(8, 3, 8, 8, device=meta),
         "label": torch.empty(8, dtype=torch.long, device=meta),
+        "location": torch.empty(8, dtype=torch.long, device=meta),
     }
     for stage in method.stages(4):
         method.enter_stage(model, stage)
         for _ in range(2):  # the second step reads a filled queue
             method.training_loss(model, batch, 3, stage).loss.backward()
+
+
+def test_mtl_location_term_leaves_out_unknown_sites_and_the_exported_network():
+    method, model = make("mtl")
+    batch = fixed_batch()
+    unknown = {**batch, "location": torch.full_like(batch["label"], -1)}
+    out = method.training_loss(model, unknown, 0, method.stages(1)[0])
+    logits = model(batch["view_q"])
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, batch["label"]))  # no site known: CE alone
+    assert float(out.logs["location_ce"]) == 0.0
+    known = method.training_loss(model, batch, 0, method.stages(1)[0])
+    _, site_logits = model(batch["view_q"], locations=True)
+    mask = batch["location"] >= 0
+    expected = F.cross_entropy(logits, batch["label"]) + F.cross_entropy(site_logits[mask], batch["location"][mask])
+    torch.testing.assert_close(known.loss, expected)
+    assert not any("location" in name for name, _ in model.inference_network().named_parameters())
+    with pytest.raises(ValueError, match="body-location column"):
+        method.training_loss(model, {k: v for k, v in batch.items() if k != "location"}, 0, method.stages(1)[0])

@@ -260,3 +260,39 @@ def test_official_val_held_out_as_test_with_val_carved_from_train():
     assert carved == {0: 15, 1: 5} and splits == make_split("official-val-as-test", labels, None, official, **kwargs)
     with pytest.raises(DataError, match="needs exactly train and val"):
         make_split("official-val-as-test", labels, None, ["train"] * 80 + ["test"] * 15, **kwargs)
+
+
+def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen, ray_local):
+    """HAM10000's `localization` travels: metadata -> shards and manifest -> Ray Data and local batches -> MTL."""
+    from proco_ray.config import ConfigError, load_config
+    from proco_ray.data.manifest import check_manifest, read_manifest
+    from proco_ray.data.pipeline import build_dataset
+    from proco_ray.data.sources import HAM10000_LOCATIONS
+    from proco_ray.engine.feeds import TrainInput, local_feed
+    from proco_ray.engine.loop import WorkerEnv, train_worker
+
+    source = datagen.isic(tmp_path / "isic")
+    out = str(tmp_path / "out")
+    prepare(str(source), out, PrepareOptions(image_size=16))
+    manifest, rows = read_rows(out)
+    assert manifest["locations"] == list(HAM10000_LOCATIONS) and "location" in manifest["columns"]
+    site = lambda image_id: ("back", "face", "unknown", "lower extremity")[int(image_id[-4:]) % 4]  # noqa: E731
+    expected = {r["id"]: -1 if site(r["id"]) == "unknown" else HAM10000_LOCATIONS.index(site(r["id"])) for r in rows}
+    assert {r["id"]: r["location"] for r in rows} == expected
+
+    ds = build_dataset(out, "train", image_size=16, train=True, augmentation="supervised", views=1, with_ids=True)
+    for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        assert [expected[i] for i in batch["id"]] == batch["location"].tolist()
+
+    overrides = ["data.image_size=16", "data.batch_size=8", "data.num_classes=7", "optim.epochs=1", "method.name=mtl"]
+    config = load_config(Path(__file__).parent / "tiny.yaml", overrides + [f"data.uri={out}"])
+    feed = local_feed(out, config, workers=0)
+    batch = next(iter(feed.train_batches(TrainInput(False, "supervised", 1), 0)))
+    assert set(batch) == {"view_q", "label", "location"} and batch["location"].shape == batch["label"].shape
+    metrics = train_worker(config, feed, WorkerEnv(print_progress=False))
+    assert metrics["train/location_ce"] > 0 and 0.0 <= metrics["val/macro_f1"] <= 1.0
+
+    npz = str(datagen.medmnist(tmp_path / "retinamnist.npz", {"train": 30, "val": 10}))
+    prepare(npz, str(tmp_path / "retina"), PrepareOptions(image_size=16))
+    with pytest.raises(ConfigError, match="method mtl needs the body site"):
+        check_manifest(load_config(None, ["method.name=mtl"]), read_manifest(str(tmp_path / "retina")))

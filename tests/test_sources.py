@@ -7,7 +7,15 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from proco_ray.data.sources import ISIC_CLASSES, match_labels, parse_groups, parse_onehot, read_source
+from proco_ray.data.sources import (
+    HAM10000_LOCATIONS,
+    ISIC_CLASSES,
+    match_labels,
+    parse_groups,
+    parse_locations,
+    parse_onehot,
+    read_source,
+)
 from proco_ray.data.splits import make_split, paper_split, split_counts
 from proco_ray.errors import DataError
 
@@ -64,6 +72,23 @@ def test_parse_groups_reads_ham_metadata_and_generic_tables():
         parse_groups(["id", "something"], [], "g")
 
 
+def test_parse_locations_maps_ham10000_sites_and_names_a_bad_row():
+    header = ["lesion_id", "image_id", "dx", "localization"]
+    rows = [
+        ["HAM_1", "ISIC_1", "nv", "back"],
+        ["HAM_2", "ISIC_2", "mel", "unknown"],
+        ["HAM_3", "ISIC_3", "nv", "upper extremity"],
+    ]
+    assert parse_locations(header, rows, "m") == {
+        "ISIC_1": HAM10000_LOCATIONS.index("back"),
+        "ISIC_2": -1,
+        "ISIC_3": HAM10000_LOCATIONS.index("upper extremity"),
+    }
+    assert parse_locations(["image_id", "lesion_id"], rows, "m") == {}
+    with pytest.raises(DataError, match="row 3: ISIC_9 localization 'elbow'"):
+        parse_locations(header, rows[:1] + [["HAM_9", "ISIC_9", "nv", "elbow"]], "m")
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -76,6 +101,9 @@ def test_isic_reader_counts_splits_and_lesions(tmp_path, datagen):
     assert sum(r.official_split == "val" for r in source.records) == 7
     assert all(r.group and r.group.startswith("HAM_") for r in source.records)
     assert source.group_source == "HAM10000_metadata.csv"
+    assert source.locations == list(HAM10000_LOCATIONS)
+    sites = {r.id: r.location for r in source.records}
+    assert sites["ISIC_T10000"] == HAM10000_LOCATIONS.index("back") and sites["ISIC_T10002"] == -1
 
 
 def test_isic_image_without_label_and_label_without_image(tmp_path, datagen):

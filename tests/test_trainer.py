@@ -13,7 +13,7 @@ import torch
 from proco_ray.config import ConfigError, load_config
 from proco_ray.engine.checkpoint import load_checkpoint
 from proco_ray.engine.feeds import GeneratedFeed
-from proco_ray.launch.trainer import check_resources, fit, resumed_epoch
+from proco_ray.launch.trainer import check_resources, fit, quiet_dataset, quiet_report_lines, resumed_epoch
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -98,3 +98,18 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     assert set(epochs) == {1, 2, 3, 4} and epochs.count(1) == 1, epochs
     # what a restarted worker group's training datasets start from: Ray Train's record of this real run
     assert resumed_epoch(str(tmp_path / "faulty")) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
+
+
+def test_train_and_data_do_not_echo_every_report_and_execution():
+    """Issue 12: Train V2 logs each report from a logger outside "ray.train" (LoggingConfig misses it), and
+    Ray Data announces every epoch's execution and plan; both are lifted out of the user's way."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    reports = logging.getLogger(context.__file__)
+    reports.setLevel(logging.INFO)
+    quiet_report_lines()
+    assert reports.getEffectiveLevel() == logging.WARNING
+    dataset = quiet_dataset(ray.data.range(4))
+    assert not dataset.context.enable_progress_bars and not dataset.context.print_on_execution_start

@@ -17,6 +17,7 @@ from proco_ray.storage.s3 import join, read_bytes, write_bytes
 MANIFEST = "manifest.json"
 FORMAT = "proco-ray-shards/1"
 COLUMNS = {"image": "encoded image bytes", "label": "int64 class index", "id": "string", "split": "string"}
+LOCATION_COLUMN = {"location": "int64 index into locations (body site), -1 where unknown"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
     created_at: str = ""
+    locations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest.json document (everything but where it was read from)."""
@@ -56,7 +58,8 @@ class Manifest:
             "classes": self.classes,
             "image_size": self.image_size,
             "encoding": self.encoding,
-            "columns": COLUMNS,
+            "columns": {**COLUMNS, **(LOCATION_COLUMN if self.locations else {})},
+            **({"locations": self.locations} if self.locations else {}),
             "counts": self.counts,
             "split": self.split,
             "source": self.source,
@@ -104,6 +107,7 @@ class Manifest:
                 options=raw.get("options", {}),
                 created_by=raw.get("created_by", ""),
                 created_at=raw.get("created_at", ""),
+                locations=list(raw.get("locations", [])),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{MANIFEST} at {uri} is incomplete or malformed ({error!r})") from error
@@ -130,6 +134,11 @@ def check_manifest(config: Config, manifest: Manifest) -> None:
         raise ConfigError(
             f"data.num_classes is {expected} but the dataset at {manifest.uri} has {manifest.num_classes} classes "
             f"({manifest.classes})"
+        )
+    if config.method.name == "mtl" and not manifest.locations:
+        raise ConfigError(
+            f"method mtl needs the body site of every image, and the dataset at {manifest.uri} has none: prepare "
+            f"ISIC 2018 with HAM10000_metadata.csv (its `localization` column) beside the image folders"
         )
     for split in (config.data.train_split, config.data.val_split):
         if split not in manifest.splits:

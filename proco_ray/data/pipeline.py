@@ -52,7 +52,8 @@ def _load_shard(fs: pafs.FileSystem, root: str, shard: Shard) -> tuple[str | Non
     digest = hashlib.sha256(data).hexdigest()
     if digest != shard.sha256:
         return digest, None
-    return digest, pq.read_table(pa.BufferReader(data), columns=["image", "label", "id"])
+    names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
+    return digest, pq.read_table(pa.BufferReader(data), columns=[c for c in ("image", "label", "id", "location") if c in names])
 
 
 def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.Table]:

@@ -109,6 +109,7 @@ def encode_batch(
             "split": pa.array(batch["split"].tolist(), pa.string()),
             "source": pa.array(batch["path"].tolist() if "path" in batch else batch["id"].tolist(), pa.string()),
             "error": pa.array(errors, pa.string()),
+            **({"location": pa.array(batch["location"], pa.int64())} if "location" in batch else {}),
         }
     )
 
@@ -183,6 +184,8 @@ def _input_dataset(source: Source, splits: Sequence[str], seed: int):
     for i in order:
         record, split = source.records[i], splits[i]
         row: dict[str, Any] = {"id": record.id, "label": record.label, "split": split}
+        if source.locations:
+            row["location"] = record.location
         if record.array_split:
             row["pixels"] = source.arrays[record.array_split][record.index]
         else:
@@ -239,7 +242,8 @@ def write_split(processed, split: str, fs: pafs.FileSystem, root: str, shard_mb:
     import pyarrow.compute as pc
     from ray.data.expressions import col
 
-    part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(["image", "label", "id", "split"])
+    stored = [c for c in ("image", "label", "id", "split", "location") if c in processed.schema().names]
+    part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(stored)
     nbytes = sum(
         pc.sum(pc.binary_length(batch.column("image"))).as_py() or 0
         for batch in part.select_columns(["image"]).iter_batches(batch_format="pyarrow")
@@ -264,6 +268,7 @@ def build_manifest(
     return Manifest(
         uri=output_uri,
         classes=source.classes,
+        locations=source.locations,
         counts=counts,
         image_size=options.image_size,
         encoding=options.encoding,

@@ -54,6 +54,23 @@ MEDMNIST_CLASSES = {
 }
 KINDS = ("isic2018", "aptos2019", "medmnist", "imagefolder")
 LIST_LIMIT = 100
+# HAM10000's body sites (metadata column `localization`, 'unknown' aside): MTL's auxiliary task.
+HAM10000_LOCATIONS = (
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class Record:
     index: int = -1
     official_split: str | None = None
     group: str | None = None
+    location: int = -1
 
 
 @dataclass
@@ -81,6 +99,7 @@ class Source:
     filesystem: pafs.FileSystem
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     group_source: str | None = None
+    locations: list[str] = field(default_factory=list)
 
     def class_counts(self) -> list[int]:
         counts = Counter(r.label for r in self.records)
@@ -169,6 +188,32 @@ def parse_groups(header: Sequence[str], rows: Iterable[Sequence[str]], where: st
     return {row[id_col].strip(): row[group_col].strip() for row in rows if len(row) > max(id_col, group_col)}
 
 
+def parse_locations(header: Sequence[str], rows: Iterable[Sequence[str]], where: str) -> dict[str, int]:
+    """{image id: index into HAM10000_LOCATIONS} from HAM10000 metadata's `localization` column; `unknown`
+    (or empty) is -1. {} when the table has no such column. A site outside the vocabulary is an error."""
+    names = [h.strip() for h in header]
+    if "localization" not in names or "image_id" not in names:
+        return {}
+    id_col, site_col = names.index("image_id"), names.index("localization")
+    locations, unknown = {}, []
+    for number, row in enumerate(rows, 2):
+        if len(row) <= max(id_col, site_col):
+            continue
+        site = row[site_col].strip()
+        if site in ("", "unknown"):
+            locations[row[id_col].strip()] = -1
+        elif site in HAM10000_LOCATIONS:
+            locations[row[id_col].strip()] = HAM10000_LOCATIONS.index(site)
+        else:
+            unknown.append(f"row {number}: {row[id_col].strip()} localization '{site}'")
+    if unknown:
+        raise DataError(
+            f"{where}: body location(s) outside HAM10000's {len(HAM10000_LOCATIONS)} sites {list(HAM10000_LOCATIONS)} "
+            f"(or 'unknown'):\n{listing(unknown)}"
+        )
+    return locations
+
+
 # --------------------------------------------------------------------------- file access
 
 
@@ -228,18 +273,29 @@ def read_isic2018(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str,
             entries.append((_rel(info.path, root), info.size, labels[image_id]))
     if not records:
         raise DataError(f"{uri}: no ISIC2018_Task3_*_Input folder with images found")
-    group_source = None
-    if groups is None:
-        metadata = [f.path for f in files if posixpath.basename(f.path) == "HAM10000_metadata.csv"]
-        if metadata:
-            header, rows = _read_csv(fs, metadata[0])
+    group_source, locations = None, {}
+    metadata = [f.path for f in files if posixpath.basename(f.path) == "HAM10000_metadata.csv"]
+    if metadata:
+        header, rows = _read_csv(fs, metadata[0])
+        locations = parse_locations(header, rows, metadata[0])
+        if groups is None:
             groups, group_source = parse_groups(header, rows, metadata[0]), _rel(metadata[0], root)
-    else:
-        group_source = "groups table"
     if groups is not None:
+        group_source = group_source or "groups table"
         records = [replace(r, group=groups.get(r.id)) for r in records]
+    if locations:
+        records = [replace(r, location=locations.get(r.id, -1)) for r in records]
     check_classes_present(ISIC_CLASSES, (r.label for r in records), uri)
-    return Source("isic2018", uri, list(ISIC_CLASSES), records, fingerprint(entries, ISIC_CLASSES), fs, group_source=group_source)
+    return Source(
+        "isic2018",
+        uri,
+        list(ISIC_CLASSES),
+        records,
+        fingerprint(entries, ISIC_CLASSES),
+        fs,
+        group_source=group_source,
+        locations=list(HAM10000_LOCATIONS) if locations else [],
+    )
 
 
 def read_aptos2019(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str, str] | None = None) -> Source:

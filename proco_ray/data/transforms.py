@@ -112,7 +112,8 @@ def decode(data: bytes) -> Image.Image:
 def train_batch(
     batch: dict[str, np.ndarray], *, size: int, augmentation: str = "moco_v2", views: int = 2, with_ids: bool = False
 ) -> dict[str, np.ndarray]:
-    """Encoded images -> view_q (and view_k when views=2: an independent draw), float32 [B,3,H,W], and label."""
+    """Encoded images -> view_q (and view_k when views=2: an independent draw), float32 [B,3,H,W], label, and
+    location (MTL's body site) where the shards have it."""
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, got {views}")
     view = train_view(augmentation, size)
@@ -121,6 +122,8 @@ def train_batch(
     if views == 2:
         out["view_k"] = normalize_batch([view(image) for image in images])
     out["label"] = batch["label"].astype(np.int64)
+    if "location" in batch:
+        out["location"] = batch["location"].astype(np.int64)
     if with_ids:
         out["id"] = batch["id"]
     return out

@@ -148,15 +148,15 @@ class GeneratedFeed:
 class _EncodedBatches(torch.utils.data.Dataset):
     """Item i: batch i of encoded rows, decoded and transformed by `transform` (in a DataLoader worker)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: list[np.ndarray], transform: Callable) -> None:
-        self.images, self.labels, self.rows, self.transform = images, labels, rows, transform
+    def __init__(self, columns: dict[str, np.ndarray], rows: list[np.ndarray], transform: Callable) -> None:
+        self.columns, self.rows, self.transform = columns, rows, transform
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Batch:
         rows = self.rows[index]
-        out = self.transform({"image": self.images[rows], "label": self.labels[rows]})
+        out = self.transform({name: values[rows] for name, values in self.columns.items()})
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -190,11 +190,14 @@ def local_feed(
     manifest = read_manifest(uri)
     check_manifest(config, manifest)
     splits = [data.train_split, data.val_split] + [s for s in [data.test_split] if s in manifest.splits]
-    columns = {}
+    columns: dict[str, dict[str, np.ndarray]] = {}
     for split in dict.fromkeys(splits):
         table = pa.concat_tables(load_split(uri, manifest.shards_of(split), manifest.num_classes))
-        columns[split] = (table.column("image").to_numpy(zero_copy_only=False), table.column("label").to_numpy().astype(np.int64))
-    images, labels = columns[data.train_split]
+        columns[split] = {"image": table.column("image").to_numpy(zero_copy_only=False)}
+        for name in ("label", "location"):
+            if name in table.column_names:
+                columns[split][name] = table.column(name).to_numpy().astype(np.int64)
+    labels = columns[data.train_split]["label"]
     local = data.batch_size // world_size
     steps = len(labels) // data.batch_size
 
@@ -209,14 +212,13 @@ def local_feed(
             for step in range(steps)
         ]
         transform = partial(train_batch, size=data.image_size, augmentation=source.augmentation, views=source.views)
-        return loader(_EncodedBatches(images, labels, rows, transform))
+        return loader(_EncodedBatches(columns[data.train_split], rows, transform))
 
     def eval_batches(split: str) -> Iterable[Batch]:
         if split not in columns:
             raise KeyError(f"no split '{split}' in {uri} (have {sorted(columns)})")
-        split_images, split_labels = columns[split]
-        mine = np.arange(rank, len(split_images), world_size)
+        mine = np.arange(rank, len(columns[split]["label"]), world_size)
         rows = [mine[i : i + data.eval_batch_size] for i in range(0, len(mine), data.eval_batch_size)]
-        return loader(_EncodedBatches(split_images, split_labels, rows, partial(eval_batch, size=data.image_size)))
+        return loader(_EncodedBatches(columns[split], rows, partial(eval_batch, size=data.image_size)))
 
     return DataFeed(manifest.classes, manifest.class_counts(data.train_split), steps, train_batches, eval_batches, set(columns))

@@ -31,11 +31,10 @@ Experiment YAML schema (configs/tune/*.yaml):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,12 @@ from proco_ray.config import (
     DATA_CPUS,
     Config,
     ConfigError,
+    closest_match,
     config_from_dict,
     find_named_file,
     load_config,
     merge,
+    nest,
     parse_overrides,
 )
 
@@ -132,11 +133,6 @@ class Experiment:
 EXPERIMENT_KEYS = tuple(f.name for f in dataclasses.fields(Experiment))
 
 
-def _closest(key: str, valid: Iterable[str]) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every settable dotted key of the Config schema (method.gamma, optim.lr, ...)."""
     keys = []
@@ -153,7 +149,7 @@ def check_key(key: str, where: str) -> None:
     """An unknown dotted key is an error naming it and the closest valid key."""
     valid = config_keys()
     if key not in valid:
-        raise ConfigError(f"{where}: unknown parameter '{key}'{_closest(key, valid)}")
+        raise ConfigError(f"{where}: unknown parameter '{key}'{closest_match(key, valid)}")
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -178,18 +174,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """{'method.gamma': 4} -> {'method': {'gamma': 4}}, the shape `config_from_dict` takes."""
-    tree: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = tree
-        *sections, leaf = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
-    return tree
-
-
 def parse_domain(key: str, spec: Any) -> Domain:
     """`{grid: [...]}`, `{choice: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` or a constant."""
     where = f"search_space.{key}"
@@ -199,7 +183,7 @@ def parse_domain(key: str, spec: Any) -> Domain:
         raise ConfigError(f"{where} must have exactly one of {SEARCH_KINDS}, got {sorted(spec)}")
     kind, values = next(iter(spec.items()))
     if kind not in SEARCH_KINDS:
-        raise ConfigError(f"{where}: unknown search kind '{kind}'{_closest(kind, SEARCH_KINDS)}")
+        raise ConfigError(f"{where}: unknown search kind '{kind}'{closest_match(kind, SEARCH_KINDS)}")
     if not isinstance(values, (list, tuple)) or not values:
         raise ConfigError(f"{where}.{kind} must be a non-empty list, got {values!r}")
     values = tuple(yaml_number(v) for v in values)
@@ -222,7 +206,7 @@ def experiment_from_dict(values: Mapping[str, Any], default_name: str = "experim
     """Parse an experiment mapping (strict keys); values are checked against Config later by `validate`."""
     for key in values:
         if key not in EXPERIMENT_KEYS:
-            raise ConfigError(f"unknown experiment key '{key}'{_closest(key, EXPERIMENT_KEYS)}")
+            raise ConfigError(f"unknown experiment key '{key}'{closest_match(key, EXPERIMENT_KEYS)}")
     variants = values.get("variants") or {}
     if not isinstance(variants, Mapping):
         raise ConfigError(f"variants must map a name to overrides, got {variants!r}")
@@ -240,7 +224,7 @@ def experiment_from_dict(values: Mapping[str, Any], default_name: str = "experim
     if asha is not None:
         for key in asha:
             if key not in ("grace_period", "reduction_factor"):
-                raise ConfigError(f"unknown asha key '{key}'{_closest(key, ('grace_period', 'reduction_factor'))}")
+                raise ConfigError(f"unknown asha key '{key}'{closest_match(key, ('grace_period', 'reduction_factor'))}")
     seeds = values.get("seeds") or ()
     if not isinstance(seeds, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
@@ -303,7 +287,7 @@ def check_metric(metric: str, mode: str) -> None:
             f"use '{metric.replace('test/', 'val/', 1)}'"
         )
     raise ConfigError(
-        f"metric '{metric}' is never reported{_closest(metric, EPOCH_METRICS)} "
+        f"metric '{metric}' is never reported{closest_match(metric, EPOCH_METRICS)} "
         f"(reported every epoch: {', '.join(EPOCH_METRICS)}, val/recall/<class>)"
     )
 
@@ -424,3 +408,15 @@ def max_concurrent_trials(cluster: Mapping[str, float], need: Mapping[str, float
             "(set train.wait_for_autoscaler=true on an autoscaling cluster)"
         )
     return fits
+
+
+def check_data(configs: Sequence[Config]) -> None:
+    """Every trial's data exists and suits its config (splits, classes, body sites for mtl): before any trial starts."""
+    from proco_ray.data.manifest import check_manifest, read_manifest
+
+    uris = {c.data.uri for c in configs}
+    if "" in uris:
+        raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
+    manifests = {uri: read_manifest(uri) for uri in uris}
+    for config in configs:
+        check_manifest(config, manifests[config.data.uri])

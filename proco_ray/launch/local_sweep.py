@@ -26,7 +26,15 @@ from typing import Any
 
 from proco_ray.config import Config, ConfigError, load_config, save_config
 from proco_ray.experiments.results import write_results
-from proco_ray.experiments.spec import SEED_KEY, Experiment, experiment_base, load_experiment, trial_config, validate
+from proco_ray.experiments.spec import (
+    SEED_KEY,
+    Experiment,
+    check_data,
+    experiment_base,
+    load_experiment,
+    trial_config,
+    validate,
+)
 from proco_ray.experiments.stats import TrialRecord, group_label
 
 
@@ -96,6 +104,8 @@ def local_sweep(
     `report_only` trains nothing and writes results/ from the trials found (running, cut short or complete).
     """
     configs = validate(experiment, base)
+    if not report_only:
+        check_data(configs)
     epochs = configs[0].optim.epochs if configs else 0
     trials = grid_trials(experiment)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -89,7 +90,7 @@ def train_dataset_factory(
     data = config.data
 
     def build() -> ray.data.Dataset:
-        return without_progress_bars(
+        return quiet_dataset(
             build_dataset(
                 data.uri,
                 data.train_split,
@@ -107,10 +108,11 @@ def train_dataset_factory(
     return build
 
 
-def without_progress_bars(dataset: ray.data.Dataset) -> ray.data.Dataset:
+def quiet_dataset(dataset: ray.data.Dataset) -> ray.data.Dataset:
     """The training loop prints its own progress; Ray Data's bars, drawn in workers without a terminal,
-    came out as screens of blank lines."""
+    came out as screens of blank lines, and every epoch's execution announced itself and its plan."""
     dataset.context.enable_progress_bars = False
+    dataset.context.print_on_execution_start = False
     return dataset
 
 
@@ -122,9 +124,9 @@ def build_datasets(config: Config, manifest: Manifest, run_path: str, filesystem
     datasets: dict[str, Any] = {
         source.key: train_dataset_factory(config, source, stored, run_path, filesystem) for source in train_inputs(config)
     }
-    datasets[data.val_split] = without_progress_bars(build_dataset(data.uri, data.val_split, train=False, **common))
+    datasets[data.val_split] = quiet_dataset(build_dataset(data.uri, data.val_split, train=False, **common))
     if data.test_split in manifest.splits:
-        datasets[data.test_split] = without_progress_bars(build_dataset(data.uri, data.test_split, train=False, **common))
+        datasets[data.test_split] = quiet_dataset(build_dataset(data.uri, data.test_split, train=False, **common))
     return datasets
 
 
@@ -179,8 +181,19 @@ class TensorBoardSync:
                 shutil.rmtree(self.local, ignore_errors=True)
 
 
+def quiet_report_lines() -> None:
+    """Ray Train V2 logs every report ("Reporting training result ...") at INFO from a logger named by its
+    file path, outside the "ray.train" hierarchy that LoggingConfig sets: lift that one logger to WARNING."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The TorchTrainer entry point on every worker."""
+    quiet_report_lines()
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,13 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from proco_ray.config import Config, ConfigError
-from proco_ray.data.manifest import check_manifest
 from proco_ray.experiments.results import write_results
 from proco_ray.experiments.spec import (
     DRIVER_CPUS,
     Asha,
     Domain,
     Experiment,
+    check_data,
     experiment_base,
     load_experiment,
     max_concurrent_trials,
@@ -119,19 +119,8 @@ def validate_sweep(
     autoscaling = any(c.train.wait_for_autoscaler for c in configs)
     fits = max_concurrent_trials(cluster, per_trial, autoscaling)
     if feed_factory is None:
-        _check_data(configs)
+        check_data(configs)
     return SweepPlan(configs, max(c.optim.epochs for c in configs), per_trial, max_concurrent or fits)
-
-
-def _check_data(configs: Sequence[Config]) -> None:
-    from proco_ray.data.manifest import read_manifest
-
-    uris = {c.data.uri for c in configs}
-    if "" in uris:
-        raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
-    manifests = {uri: read_manifest(uri) for uri in uris}
-    for config in configs:
-        check_manifest(config, manifests[config.data.uri])
 
 
 def _definition(experiment: Experiment, base: Mapping[str, Any]) -> dict[str, Any]:

@@ -193,12 +193,16 @@ class CosineLinear(nn.Module):
 
 class Classifier(nn.Module):
     """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head,
-    `cosine=True` makes the classifier a CosineLinear (LDAM's margins and scale are meant for cosine logits)."""
+    `cosine=True` makes the classifier a CosineLinear (LDAM's margins and scale are meant for cosine logits),
+    `locations` > 0 adds MTL's body-location head."""
 
-    def __init__(self, num_classes: int, model: ModelConfig, projector: bool = False, cosine: bool = False) -> None:
+    def __init__(
+        self, num_classes: int, model: ModelConfig, projector: bool = False, cosine: bool = False, locations: int = 0
+    ) -> None:
         super().__init__()
         self.backbone, dim = build_backbone(model.arch, model.small_input, model.pretrained, model.norm)
         self.fc = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
+        self.location_fc = nn.Linear(dim, locations) if locations else None
         self.projector = (
             nn.Sequential(nn.Linear(dim, model.hidden_dim), nn.ReLU(inplace=True), nn.Linear(model.hidden_dim, model.feat_dim))
             if projector
@@ -212,12 +216,19 @@ class Classifier(nn.Module):
         """What `classify` uses (no projection head): the module to export."""
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.fc))
 
-    def forward(self, images: Tensor, project: bool = False, neurons: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits; with `project`, the normalised projection; with `neurons`, (logits, layer3's feature map)."""
+    def forward(
+        self, images: Tensor, project: bool = False, neurons: bool = False, locations: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with `project`, the normalised projection; with `neurons`, (logits, layer3's feature map);
+        with `locations`, (logits, body-location logits)."""
         if neurons:
             feature_map, h = resnet_neurons(self.backbone, images)
             return self.fc(h), feature_map
         h = self.backbone(images)
+        if locations:
+            if self.location_fc is None:
+                raise ValueError("this Classifier was built without a body-location head (locations > 0)")
+            return self.fc(h), self.location_fc(h)
         if not project:
             return self.fc(h)
         if self.projector is None:

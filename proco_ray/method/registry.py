@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.data.transforms import AUGMENTATIONS
 from proco_ray.engine import distributed
 from proco_ray.engine.feeds import TrainInput
@@ -210,6 +211,33 @@ class DANIL(Method):
         return LossOutput(ce + self.cfg.danil_weight * distractor, {"ce": ce.detach(), "distractor": distractor.detach()})
 
 
+class MTL(Method):
+    """MTL (Liao and Luo, AAAI-17 workshops): a lesion-class head and a body-location head on one backbone,
+    trained jointly, instance-balanced; predicts with the lesion head. Reads the shards' `location` column
+    (ISIC 2018 prepared with HAM10000_metadata.csv beside the images); unknown sites (-1) are left out."""
+
+    name = "mtl"
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
+        super().__init__(cfg, model_cfg, num_classes, class_counts)
+        if cfg.mtl_weight < 0:
+            raise ValueError(f"method.mtl_weight must be >= 0, got {cfg.mtl_weight}")
+
+    def build_model(self) -> nn.Module:
+        return Classifier(self.num_classes, self.model_cfg, locations=len(HAM10000_LOCATIONS))
+
+    def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        if "location" not in batch:
+            raise ValueError(
+                "method mtl needs a body-location column in the training batches (prepare ISIC 2018 with HAM10000_metadata.csv)"
+            )
+        logits, location_logits = model(batch["view_q"], locations=True)
+        ce = F.cross_entropy(logits, batch["label"])
+        known = (batch["location"] >= 0).sum().clamp(min=1)
+        location = F.cross_entropy(location_logits, batch["location"], ignore_index=-1, reduction="sum") / known
+        return LossOutput(ce + self.cfg.mtl_weight * location, {"ce": ce.detach(), "location_ce": location.detach()})
+
+
 class SupConLinear(Method):
     """CL (Marrakchi et al. 2021): SupCon pre-training, then a linear classifier on the frozen backbone."""
 
@@ -394,6 +422,7 @@ METHODS: dict[str, type[Method]] = {
         LDAMDRW,
         OHEM,
         DANIL,
+        MTL,
         SupConLinear,
         SupConLinearResample,
     )
