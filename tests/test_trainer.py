@@ -13,6 +13,7 @@ import torch
 from proco_ray.config import ConfigError, load_config
 from proco_ray.engine.checkpoint import load_checkpoint
 from proco_ray.engine.feeds import GeneratedFeed
+from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.launch.trainer import check_resources, fit, quiet_dataset, quiet_report_lines, resumed_epoch
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
@@ -100,7 +101,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     assert resumed_epoch(str(tmp_path / "faulty")) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
 
 
-def test_train_and_data_do_not_echo_every_report_and_execution():
+def test_train_and_data_do_not_echo_every_report_and_execution(ray_local):
     """Issue 12: Train V2 logs each report from a logger outside "ray.train" (LoggingConfig misses it), and
     Ray Data announces every epoch's execution and plan; both are lifted out of the user's way."""
     import logging
@@ -113,3 +114,6 @@ def test_train_and_data_do_not_echo_every_report_and_execution():
     assert reports.getEffectiveLevel() == logging.WARNING
     dataset = quiet_dataset(ray.data.range(4))
     assert not dataset.context.enable_progress_bars and not dataset.context.print_on_execution_start
+    ray.data.DataContext.get_current().print_on_execution_start = True
+    connect_or_start_ray()  # prepare, evaluate and predict run Ray Data in the driver
+    assert not ray.data.DataContext.get_current().print_on_execution_start

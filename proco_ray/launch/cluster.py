@@ -8,6 +8,7 @@ import os
 import socket
 
 import ray
+import ray.data
 from ray._private.services import find_bootstrap_address, parse_address
 
 from proco_ray.config import ConfigError
@@ -69,8 +70,10 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     needs it for its Ray Data CPU), and its dashboard on 127.0.0.1 only: Ray Train's placement-group
     cleaner asks the dashboard's state API every second whether the run is alive and, without it, printed
     a warning each time. `join_existing=False` always starts a fresh local Ray (the one-machine demo).
-    Returns True when a local Ray was started here.
+    Returns True when a local Ray was started here. Ray Data's announcement of every execution and its
+    plan (two INFO lines per prepare phase, evaluation pass and prediction) is turned off in this process.
     """
+    ray.data.DataContext.get_current().print_on_execution_start = False
     if ray.is_initialized():
         return False
     address = cluster_address() if join_existing else None
