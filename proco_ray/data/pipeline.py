@@ -52,8 +52,8 @@ def _load_shard(fs: pafs.FileSystem, root: str, shard: Shard) -> tuple[str | Non
     digest = hashlib.sha256(data).hexdigest()
     if digest != shard.sha256:
         return digest, None
-    names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
-    return digest, pq.read_table(pa.BufferReader(data), columns=[c for c in ("image", "label", "id", "location") if c in names])
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    return digest, parquet.read(columns=[c for c in ("image", "label", "id", "location") if c in parquet.schema_arrow.names])
 
 
 def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.Table]:

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import proco_ray
-from proco_ray.data.manifest import MANIFEST, Manifest, Shard, write_manifest
+from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest, Shard, write_manifest
 from proco_ray.data.sources import KINDS, Source, listing, read_source
 from proco_ray.data.splits import MODES, make_split, split_counts
 from proco_ray.errors import DataError
@@ -242,7 +242,7 @@ def write_split(processed, split: str, fs: pafs.FileSystem, root: str, shard_mb:
     import pyarrow.compute as pc
     from ray.data.expressions import col
 
-    stored = [c for c in ("image", "label", "id", "split", "location") if c in processed.schema().names]
+    stored = [c for c in (*COLUMNS, *LOCATION_COLUMN) if c in processed.schema().names]
     part = processed.filter(expr=(col("split") == split) & (col("error") == "")).select_columns(stored)
     nbytes = sum(
         pc.sum(pc.binary_length(batch.column("image"))).as_py() or 0
