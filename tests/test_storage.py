@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -133,8 +134,39 @@ def test_local_server_is_private_to_its_owner(tmp_path):
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(request, timeout=5)
             assert refused.value.code == 401, (request.full_url, refused.value.code)
+        assert_grpc_takes_only_mutual_tls(tmp_path / "private", ports)
         assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
-        for name in ("s3.json", "server.json", "security.toml", "server.log", "server.pid"):
+        for name in (
+            "s3.json",
+            "server.json",
+            "security.toml",
+            "server.log",
+            "server.pid",
+            "grpc-ca.crt",
+            "grpc.crt",
+            "grpc.key",
+        ):
             assert (tmp_path / "private" / name).stat().st_mode & 0o777 == 0o600, name
         data_files = [p for p in (tmp_path / "private" / "weed").rglob("*") if p.suffix in (".dat", ".idx")]
         assert data_files and all(p.stat().st_mode & 0o077 == 0 for p in data_files)
+
+
+def assert_grpc_takes_only_mutual_tls(data_dir: Path, ports: dict[str, int]) -> None:
+    """SeaweedFS's gRPC ports (file metadata, volume assignment) refuse plain and one-sided TLS
+    connections; only a client with the certificate in the owner's data directory gets an answer."""
+    import grpc
+
+    ca, cert, key = ((data_dir / name).read_bytes() for name in ("grpc-ca.crt", "grpc.crt", "grpc.key"))
+    calls = {
+        "master.port.grpc": "/master_pb.Seaweed/GetMasterConfiguration",
+        "filer.port.grpc": "/filer_pb.SeaweedFiler/GetFilerConfiguration",
+        "volume.port.grpc": "/volume_server_pb.VolumeServer/VolumeServerStatus",
+    }
+    for port, method in calls.items():
+        address = f"127.0.0.1:{ports[port]}"
+        for refused in (grpc.insecure_channel(address), grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))):
+            with refused, pytest.raises(grpc.RpcError) as error:
+                refused.unary_unary(method)(b"", timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (port, error.value)
+        with grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert)) as mutual:
+            assert mutual.unary_unary(method)(b"", timeout=5), port

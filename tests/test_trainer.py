@@ -1,11 +1,13 @@
 """ProCo under Ray Train's TorchTrainer: synchronised state across gloo workers, checkpoints, bad input."""
 
+import json
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
@@ -14,7 +16,17 @@ from proco_ray.config import ConfigError, load_config
 from proco_ray.engine.checkpoint import load_checkpoint
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.launch.trainer import check_resources, fit, quiet_dataset, quiet_report_lines, resumed_epoch
+from proco_ray.launch.trainer import (
+    RAY_TRAIN_SNAPSHOT,
+    check_resources,
+    fit,
+    quiet_dataset,
+    quiet_report_lines,
+    remove_unregistered_checkpoints,
+    resumed_epoch,
+    run_storage,
+)
+from proco_ray.storage.s3 import join, list_files, write_bytes
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -59,9 +71,43 @@ def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
             check_resources(gpus)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_only_checkpoint_folders_ray_never_registered_are_removed(where, tmp_path, request):
+    """Issue 11: folders a failed worker group uploaded but never registered outlive keep_checkpoints;
+    they go once the run ends, and nothing else in the run folder does."""
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        storage = "s3://runs/tidy"
+    else:
+        storage = str(tmp_path)
+    kept, latest, orphan = (f"checkpoint_2026-11-28_22-0{i}-00.123456" for i in range(3))
+    snapshot = {
+        "checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {"epoch": e}} for e, n in ((1, kept), (3, latest))],
+        "latest_checkpoint_result": {"checkpoint_dir_name": latest, "metrics": {"epoch": 3}},
+        "pending_training_results": [],
+    }
+    run_uri = join(storage, "run")
+    write_bytes(join(run_uri, RAY_TRAIN_SNAPSHOT), json.dumps(snapshot).encode())
+    for folder in (kept, latest, orphan, "checkpoint_notes", "tensorboard"):
+        write_bytes(join(run_uri, folder, "state.pt"), b"x")
+    write_bytes(join(run_uri, "checkpoint_2026-11-28_22-09-00.123456"), b"a file, not a folder")
+    run_path, filesystem = run_storage(storage)
+    assert remove_unregistered_checkpoints(f"{run_path}/run", filesystem) == [orphan]
+    left = {info.path.split("/run/", 1)[1] for info in list_files(filesystem or pafs.LocalFileSystem(), f"{run_path}/run")}
+    assert left == {
+        RAY_TRAIN_SNAPSHOT,
+        f"{kept}/state.pt",
+        f"{latest}/state.pt",
+        "checkpoint_notes/state.pt",
+        "tensorboard/state.pt",
+        "checkpoint_2026-11-28_22-09-00.123456",
+    }
+    assert remove_unregistered_checkpoints(f"{run_path}/never-ran", filesystem) == []
+
+
 def kill_one_training_worker_when(ray_module, ready: Callable[[], bool], killed: list[int]) -> threading.Thread:
     """A thread that SIGKILLs one Ray Train worker of this session (children of its raylet: other Ray
-    instances may be training on this machine) as soon as `ready()` holds."""
+    instances may be training on this machine) as soon as `ready()` holds and a worker is running."""
     import psutil  # Ray's vendored copy, importable once ray is
 
     session = ray_module._private.worker._global_node.get_session_dir_path()
@@ -72,33 +118,49 @@ def kill_one_training_worker_when(ray_module, ready: Callable[[], bool], killed:
 
     def kill() -> None:
         deadline = time.time() + 240
-        while time.time() < deadline and not ready():
+        while time.time() < deadline:
+            if ready():
+                for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
             time.sleep(0.05)
-        for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
-                proc.send_signal(signal.SIGKILL)
-                killed.append(proc.info["pid"])
-                return
 
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
     return killer
 
 
+def checkpoint_folders(run: Path) -> set[str]:
+    return {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+
+
+KILL_TIMINGS = {
+    "as the workers start": lambda run: True,
+    "once the first checkpoint is registered": lambda run: resumed_epoch(str(run)) >= 1,
+    "as the second checkpoint is written": lambda run: len(checkpoint_folders(run)) >= 2,
+}
+
+
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
-    """SIGKILL a worker once the epoch-1 checkpoint is registered; the run resumes instead of starting over."""
+@pytest.mark.parametrize("timing", list(KILL_TIMINGS))
+def test_killed_worker_resumes_from_the_latest_registered_checkpoint(timing, ray_local, tmp_path):
+    """SIGKILL a worker at several points around the checkpoint write: the run resumes from the latest
+    registered checkpoint (never repeating or skipping an epoch), and keeps no folder Ray never registered."""
+    run_folder = tmp_path / "faulty"
     killed: list[int] = []
-    killer = kill_one_training_worker_when(ray_local, lambda: len(list((tmp_path / "faulty").glob("checkpoint_2*"))) >= 2, killed)
+    killer = kill_one_training_worker_when(ray_local, lambda: KILL_TIMINGS[timing](run_folder), killed)
     result = run(tmp_path, "faulty", 2, ["optim.epochs=4", "train.max_failures=2", "train.keep_checkpoints=10"])
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert result.error is None
     assert result.metrics["epoch"] == 4
     epochs = sorted(metrics["epoch"] for _, metrics in result.best_checkpoints)
-    assert set(epochs) == {1, 2, 3, 4} and epochs.count(1) == 1, epochs
+    assert epochs == [1, 2, 3, 4], epochs
+    assert checkpoint_folders(run_folder) == {Path(c.path).name for c, _ in result.best_checkpoints}
     # what a restarted worker group's training datasets start from: Ray Train's record of this real run
-    assert resumed_epoch(str(tmp_path / "faulty")) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
+    assert resumed_epoch(str(run_folder)) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
 
 
 def test_train_and_data_do_not_echo_every_report_and_execution(ray_local):

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +63,17 @@ def train_inputs(config: Config) -> list[TrainInput]:
 
 
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+RAY_CHECKPOINT_DIR = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")  # StorageContext's names
+
+
+def read_snapshot(run_path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any] | None:
+    """Ray Train's snapshot of a run's registered checkpoints, None before the first registration."""
+    filesystem = filesystem or pafs.LocalFileSystem()
+    path = f"{run_path}/{RAY_TRAIN_SNAPSHOT}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
 
 
 def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> int:
@@ -72,13 +84,34 @@ def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> i
     died is neither resumed from nor counted here. `run_path`/`filesystem` as run_storage gives them (the
     filesystem travels with the run, so the Train controller needs no credentials of its own).
     """
-    filesystem = filesystem or pafs.LocalFileSystem()
-    path = f"{run_path}/{RAY_TRAIN_SNAPSHOT}"
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return 0
-    with filesystem.open_input_stream(path) as stream:
-        latest = json.loads(stream.read()).get("latest_checkpoint_result")
+    latest = (read_snapshot(run_path, filesystem) or {}).get("latest_checkpoint_result")
     return int(latest["metrics"]["epoch"]) if latest else 0
+
+
+def remove_unregistered_checkpoints(run_path: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """Delete the checkpoint folders of a finished run that Ray Train never registered; return their names.
+
+    A worker uploads its checkpoint before the report that registers it; a worker group that fails in
+    between leaves a folder that no resume reads and keep_checkpoints never counts. Only folders named as
+    Ray Train names checkpoints, directly in the run folder, are candidates; everything the snapshot
+    lists (kept, latest, pending) stays.
+    """
+    filesystem = filesystem or pafs.LocalFileSystem()
+    snapshot = read_snapshot(run_path, filesystem) or {}
+    entries = [snapshot.get("latest_checkpoint_result")]
+    entries += snapshot.get("checkpoint_results", []) + snapshot.get("pending_training_results", [])
+    registered = {entry["checkpoint_dir_name"] for entry in entries if entry}
+    listing = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    orphans = sorted(
+        info.base_name
+        for info in listing
+        if info.type == pafs.FileType.Directory
+        and RAY_CHECKPOINT_DIR.fullmatch(info.base_name)
+        and info.base_name not in registered
+    )
+    for name in orphans:
+        filesystem.delete_dir(f"{run_path}/{name}")
+    return orphans
 
 
 def train_dataset_factory(
@@ -319,7 +352,23 @@ def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Re
     )
     trainer = build_trainer(config, feed_factory)
     save_resolved_config(config)
-    return trainer.fit()
+    return fit_and_tidy(trainer, config)
+
+
+def fit_and_tidy(trainer: TorchTrainer, config: Config) -> ray.train.Result:
+    """`trainer.fit()`, then the run's unregistered checkpoint folders removed (remove_unregistered_checkpoints).
+
+    Only after fit returns: the Train controller has then ended, so no checkpoint is being uploaded. A
+    fit that raises (an interrupted driver) leaves the folder as it is.
+    """
+    result = trainer.fit()
+    storage_path, filesystem = run_storage(config.train.storage_path)
+    removed = remove_unregistered_checkpoints(f"{storage_path}/{config.train.name}", filesystem)
+    if removed:
+        print(
+            f"removed {len(removed)} checkpoint folder(s) that a failed worker group wrote but never registered: {', '.join(removed)}"
+        )
+    return result
 
 
 def summarise(result: ray.train.Result, config: Config) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ray.train import UserCallback
 
 from proco_ray.config import Config
 from proco_ray.experiments.spec import trial_config
-from proco_ray.launch.trainer import FeedFactory, build_trainer, save_resolved_config
+from proco_ray.launch.trainer import FeedFactory, build_trainer, fit_and_tidy, save_resolved_config
 from proco_ray.storage.s3 import join
 
 STOP_TIMEOUT_S = 540.0  # below Tune's TUNE_FORCE_TRIAL_CLEANUP_S (600 s), after which it kills the trial
@@ -107,12 +107,12 @@ class ProCoTrial(ray.tune.Trainable):
         self._pending: list[dict[str, Any]] = []
         self._error: BaseException | None = None
         self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="proco-trial-fit", daemon=True)
+        self._thread = threading.Thread(target=self._fit, args=(trainer, trial_config_), name="proco-trial-fit", daemon=True)
         self._thread.start()
 
-    def _fit(self, trainer: Any) -> None:
+    def _fit(self, trainer: Any, trial_config: Config) -> None:
         try:
-            trainer.fit()
+            fit_and_tidy(trainer, trial_config)
         except BaseException as error:  # noqa: BLE001 - re-raised in step()
             self._error = error
         finally:

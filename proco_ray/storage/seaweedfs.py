@@ -107,6 +107,59 @@ _PORT_NAMES = (
 )
 
 
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
+
+
+def grpc_certificates(host: str) -> tuple[str, str, str]:
+    """(CA certificate, certificate, key) in PEM for SeaweedFS's mutual gRPC TLS: every component serves
+    and connects with the one certificate, and accepts only peers whose certificate this CA signed. The
+    CA's key is discarded once it has signed, so no further certificate can be made for this server."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=3650)}
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"proco-ray local S3 CA {secrets.token_hex(4)}")])
+    ca = (
+        x509.CertificateBuilder(
+            subject_name=ca_name,
+            issuer_name=ca_name,
+            public_key=ca_key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    try:
+        address: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        address = x509.DNSName(host)
+    cert = (
+        x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "proco-ray local S3")]),
+            issuer_name=ca_name,
+            public_key=key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([address, x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca.public_bytes(pem).decode(), cert.public_bytes(pem).decode(), key_pem.decode()
+
+
 class LocalS3Server:
     """SeaweedFS (`weed mini`) on 127.0.0.1 with one identity: a real S3 endpoint for one machine.
 
@@ -115,7 +168,8 @@ class LocalS3Server:
     Credentials and ports are chosen once and kept, so a restart serves the same endpoint.
     Only the owner can read data_dir (700, files 600, the server runs with umask 077), and the
     master, volume and filer HTTP APIs, which bypass S3's keys, demand JWTs signed with random
-    keys from data_dir/security.toml, so other local users get 401 there.
+    keys from data_dir/security.toml, so other local users get 401 there; its gRPC ports take only
+    mutual TLS with the certificate in data_dir (grpc_certificates).
     """
 
     def __init__(
@@ -166,11 +220,20 @@ class LocalS3Server:
         return access, secret
 
     def _write_security(self) -> None:
-        """JWT keys for SeaweedFS's own HTTP APIs (read from the server's working directory)."""
-        if self.security_file.is_file():
+        """JWT keys for SeaweedFS's own HTTP APIs and mutual TLS for its gRPC ports, in security.toml
+        (read from the server's working directory). A file from before gRPC TLS is rewritten."""
+        if self.security_file.is_file() and "[grpc]" in self.security_file.read_text():
             return
+        ca, cert, key = (self.data_dir / name for name in ("grpc-ca.crt", "grpc.crt", "grpc.key"))
+        ca_pem, cert_pem, key_pem = grpc_certificates(self.host)
+        _write_private(ca, ca_pem)
+        _write_private(cert, cert_pem)
+        _write_private(key, key_pem)
         sections = ["jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"]
         text = "".join(f'[{name}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 10\n\n' for name in sections)
+        text += f'[grpc]\nca = "{ca}"\n\n'
+        for component in GRPC_COMPONENTS:
+            text += f'[grpc.{component}]\ncert = "{cert}"\nkey = "{key}"\n\n'
         _write_private(self.security_file, text)
 
     def log_tail(self, lines: int = 30) -> str:
