@@ -11,7 +11,7 @@ import pytest
 from proco_ray.config import ConfigError, load_config
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.experiments.spec import base_tree, experiment_from_dict
-from proco_ray.launch.local_sweep import grid_trials, local_sweep
+from proco_ray.launch.local_sweep import grid_trials, local_sweep, narrow
 
 TINY = Path(__file__).parent / "tiny.yaml"
 
@@ -30,6 +30,19 @@ def test_grid_runs_every_variant_before_any_second_seed_and_refuses_searches():
     search = experiment_from_dict({"name": "s", "search_space": {"optim.lr": {"loguniform": [1e-3, 1e-1]}}, "num_samples": 2})
     with pytest.raises(ConfigError, match="grids of variants and seeds only"):
         grid_trials(search)
+
+
+def test_only_and_seeds_narrow_the_grid_under_the_same_trial_names():
+    experiment = experiment_from_dict({"name": "g", "variants": {"a": {}, "b": {}, "c": {}}, "seeds": [0, 1, 2], "asha": None})
+    narrowed = narrow(experiment, only="c,a", seeds="2,1")
+    assert [(t["variant"], t["train.seed"]) for t in grid_trials(narrowed)] == [("c", 2), ("a", 2), ("c", 1), ("a", 1)]
+    assert narrow(experiment) == experiment
+    with pytest.raises(ConfigError, match=r"--only: no variant \['d'\]"):
+        narrow(experiment, only="a,d")
+    with pytest.raises(ConfigError, match=r"--seeds: no seed \[3\] .* has \[0, 1, 2\]"):
+        narrow(experiment, seeds="1,3")
+    with pytest.raises(ConfigError, match="--seeds: 'one' is not"):
+        narrow(experiment, seeds="one")
 
 
 def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tmp_path):

@@ -159,6 +159,29 @@ def local_sweep(
     return records
 
 
+def narrow(experiment: Experiment, only: str | None = None, seeds: str | None = None) -> Experiment:
+    """The experiment restricted to some of its variants and seeds (comma-separated names and numbers),
+    so that a sweep can be split over machines or completed piece by piece under the same trial names."""
+    if only:
+        chosen = only.split(",")
+        unknown = [v for v in chosen if v not in experiment.variants]
+        if unknown:
+            raise ConfigError(
+                f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})"
+            )
+        experiment = dataclasses.replace(experiment, variants={v: experiment.variants[v] for v in chosen})
+    if seeds:
+        try:
+            chosen_seeds = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds: '{seeds}' is not a comma-separated list of integers") from None
+        unknown = [seed for seed in chosen_seeds if seed not in experiment.seeds]
+        if unknown:
+            raise ConfigError(f"--seeds: no seed {unknown} in experiment '{experiment.name}' (it has {list(experiment.seeds)})")
+        experiment = dataclasses.replace(experiment, seeds=tuple(chosen_seeds))
+    return experiment
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)"
@@ -172,21 +195,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="DataLoader processes per trial that decode and augment (default 1)"
     )
     parser.add_argument("--only", help="comma-separated variants of the experiment to run (default: all)")
+    parser.add_argument("--seeds", help="comma-separated seeds of the experiment to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="write results/ from the trials in --out, train nothing")
     parser.add_argument("--device", default="cpu", help="torch device of every trial, e.g. cuda (default cpu)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config, e.g. optim.epochs=15")
 
 
 def run(args: argparse.Namespace) -> int:
-    experiment = load_experiment(args.experiment)
-    if args.only:
-        chosen = args.only.split(",")
-        unknown = [v for v in chosen if v not in experiment.variants]
-        if unknown:
-            raise ConfigError(
-                f"--only: no variant {unknown} in experiment '{experiment.name}' (it has {list(experiment.variants)})"
-            )
-        experiment = dataclasses.replace(experiment, variants={v: experiment.variants[v] for v in chosen})
+    experiment = narrow(load_experiment(args.experiment), args.only, args.seeds)
     _, base = experiment_base(experiment, args.config, list(args.overrides) + [f"data.uri={args.data}"])
     records = local_sweep(
         experiment, base, Path(args.out).resolve(), args.parallel, args.device, args.threads, args.workers, args.report_only
