@@ -1,5 +1,8 @@
 """The per-worker loop in a plain process: epochs, metrics, checkpoints, exact resume."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +10,7 @@ import torch
 
 from proco_ray.config import load_config
 from proco_ray.data.synthetic import generate_images
-from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.engine.checkpoint import STAGING_PREFIX, CheckpointError, load_checkpoint, staging_directory
 from proco_ray.engine.feeds import tensor_feed
 from proco_ray.engine.loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
 
@@ -79,6 +82,23 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         load_checkpoint(reports.latest)
     with pytest.raises(CheckpointError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_checkpoint_staging_removes_what_killed_processes_left_and_nothing_else(tmp_path):
+    """A SIGKILLed worker leaves its staged checkpoint behind; the next save on the node deletes it, never
+    the folder of a process that still runs (another trial saving on the same machine)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    orphan = tmp_path / f"{STAGING_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getppid()}-def"
+    unrelated = tmp_path / f"{STAGING_PREFIX}notapid"
+    for folder in (orphan, live, unrelated):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"x")
+    with staging_directory(tmp_path) as staged:
+        assert staged.parent == tmp_path and staged.name.startswith(f"{STAGING_PREFIX}{os.getpid()}-")
+        assert not orphan.exists() and live.is_dir() and unrelated.is_dir()
+    assert not staged.exists()
 
 
 def test_collapse_guard_names_the_threshold_and_the_docs():

@@ -2,6 +2,7 @@
 
 import json
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import ray
 import torch
 
 from proco_ray.config import ConfigError, load_config
-from proco_ray.engine.checkpoint import load_checkpoint
+from proco_ray.engine.checkpoint import STAGING_PREFIX, load_checkpoint
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.launch.trainer import (
@@ -159,6 +160,8 @@ def test_killed_worker_resumes_from_the_latest_registered_checkpoint(timing, ray
     epochs = sorted(metrics["epoch"] for _, metrics in result.best_checkpoints)
     assert epochs == [1, 2, 3, 4], epochs
     assert checkpoint_folders(run_folder) == {Path(c.path).name for c, _ in result.best_checkpoints}
+    left = [p for pid in killed for p in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{pid}-*")]
+    assert not left, f"the killed worker's staged checkpoint outlived the run: {left}"
     # what a restarted worker group's training datasets start from: Ray Train's record of this real run
     assert resumed_epoch(str(run_folder)) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
 

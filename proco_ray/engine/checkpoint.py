@@ -7,6 +7,11 @@ process resuming without Ray.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ from proco_ray.errors import ProcoError
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "class_names", "model", "method", "epoch", "global_step")
+STAGING_PREFIX = "proco-ray-checkpoint-"
 
 
 class CheckpointError(ProcoError, RuntimeError):
@@ -34,6 +40,40 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     torch.save({"format_version": FORMAT_VERSION, **state}, partial)
     partial.replace(directory / CHECKPOINT_FILE)
     return directory
+
+
+@contextmanager
+def staging_directory(root: str | Path | None = None) -> Iterator[Path]:
+    """A folder to write one checkpoint into before Ray Train copies it to the run's storage.
+
+    Its name carries this process's id, and every new one first removes the folders of processes that no
+    longer run: a SIGKILLed worker cannot clean up, and each folder it leaves holds a whole checkpoint.
+    """
+    root = Path(root) if root is not None else Path(tempfile.gettempdir())
+    remove_orphaned_staging(root)
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root) as folder:
+        yield Path(folder)
+
+
+def remove_orphaned_staging(root: str | Path) -> list[Path]:
+    """Delete the staging folders in `root` whose process is gone; folders of live processes stay."""
+    removed = []
+    for folder in Path(root).glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_runs(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

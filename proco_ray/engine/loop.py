@@ -11,7 +11,6 @@ import contextlib
 import math
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from proco_ray.config import Config, ConfigError
 from proco_ray.engine import distributed
-from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint, staging_directory
 from proco_ray.engine.feeds import Batch, DataFeed
 from proco_ray.method.registry import Method, ProCo, Stage, build_method, train_input, unwrap
 from proco_ray.metrics import metrics_from_confusion
@@ -386,7 +385,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     "best": best,
                 }
                 if rank == 0 and env.save_checkpoints:
-                    with tempfile.TemporaryDirectory() as tmp:
+                    with staging_directory() as tmp:
                         env.report(metrics, save_checkpoint(tmp, checkpoint_state))
                 else:
                     env.report(metrics, None)
