@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proco_ray.config import ConfigError, load_config, parse_overrides
 from proco_ray.engine.feeds import GeneratedFeed
@@ -31,6 +32,7 @@ from proco_ray.experiments.spec import (
 from proco_ray.experiments.stats import (
     TrialRecord,
     asha_rungs,
+    best_group,
     final_metrics,
     format_mean_std,
     mean_std,
@@ -161,14 +163,19 @@ def test_more_resources_per_trial_than_the_cluster_has_is_refused():
 # --------------------------------------------------------------------------- aggregation and the results table
 
 
-def record(trial_id: str, params: dict, epochs: int, max_epochs: int, f1: float, error: str | None = None) -> TrialRecord:
+def record(
+    trial_id: str, params: dict, epochs: int, max_epochs: int, f1: float, error: str | None = None, val_f1: float | None = None
+) -> TrialRecord:
+    """A trial whose validation macro-F1 rises to `val_f1` (default `f1`) and whose selected test macro-F1 is `f1`."""
+    val_f1 = f1 if val_f1 is None else val_f1
     history = []
     for epoch in range(1, epochs + 1):
         row = {
             "epoch": epoch,
             "train/loss": 2.0 / epoch,
             "val/accuracy": f1 + 0.1,
-            "val/macro_f1": f1 * epoch / epochs,
+            "val/macro_f1": val_f1 * epoch / epochs,
+            "best/val_macro_f1": val_f1 * epoch / epochs,
             "val/balanced_accuracy": f1,
             "val/recall/a": f1,
             "val/recall/b": 1 - f1,
@@ -245,6 +252,27 @@ def test_groups_aggregate_over_seeds_in_variant_order(tmp_path):
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("variant,seeds,metrics from,accuracy_mean,accuracy_std")
     assert "variant: full" in (tmp_path / "best.yaml").read_text()
+
+
+def test_the_best_variant_is_chosen_on_validation_never_on_test(tmp_path):
+    """`lucky` scores higher on test, `steady` on validation: the report and best.yaml choose `steady`."""
+    from proco_ray.experiments.results import _write_results_to
+
+    experiment = experiment_from_dict({"name": "pick", "variants": {"lucky": {}, "steady": {"optim.lr": 0.1}}, "seeds": [0, 1]})
+    records = [
+        record("l0", {"variant": "lucky", "train.seed": 0}, 3, 3, 0.9, val_f1=0.4),
+        record("l1", {"variant": "lucky", "train.seed": 1}, 3, 3, 0.8, val_f1=0.5),
+        record("s0", {"variant": "steady", "train.seed": 0}, 3, 3, 0.5, val_f1=0.6),
+        record("s1", {"variant": "steady", "train.seed": 1}, 3, 3, 0.6, val_f1=0.7),
+    ]
+    groups = summarise_groups(records, max_epochs=3)
+    assert [g.group for g in groups] == ["steady", "lucky"]
+    assert best_group(groups).group == "steady"
+    _write_results_to(tmp_path, records, experiment, max_epochs=3)
+    chosen = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert chosen["variant"] == "steady" and chosen["overrides"] == {"optim.lr": 0.1}
+    assert chosen["val_macro_f1"]["mean"] == pytest.approx(0.65) and chosen["macro_f1"]["mean"] == pytest.approx(0.55)
+    assert "chosen on validation" in (tmp_path / "results.md").read_text()
 
 
 # --------------------------------------------------------------------------- sweeps on Ray

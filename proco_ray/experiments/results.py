@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from proco_ray.evaluation.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
-from proco_ray.experiments.spec import SEED_KEY, Experiment, trial_overrides
+from proco_ray.experiments.spec import SEED_KEY, SELECTION_METRIC, Experiment, trial_overrides
 from proco_ray.experiments.stats import (
     TrialRecord,
     asha_rungs,
@@ -83,9 +83,12 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
     top = best_trial(records, experiment.metric, experiment.mode)
     if best is not None:
         variants = {k: dict(v) for k, v in experiment.variants.items()}
+        val_mean, val_std = best.side[SELECTION_METRIC]
         best_yaml = {
             "variant": best.group,
             "overrides": trial_overrides(variants, best.params),
+            "chosen_by": "mean validation macro-F1 of each seed's selected epoch",
+            "val_macro_f1": {"mean": val_mean, "std": val_std},
             "macro_f1": {"mean": best.stats["macro_f1"][0], "std": best.stats["macro_f1"][1], "seeds": best.n},
             "metrics_from": list(best.sources),
         }
@@ -124,8 +127,10 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
     ]
     if best is not None:
         lines += [
-            f"**Best variant/config** (mean macro-F1): `{best.group}` — "
-            f"{best.stats['macro_f1'][0]:.3f} ± {best.stats['macro_f1'][1]:.3f} over {best.n} seed(s); overrides in best.yaml.",
+            f"**Best variant/config**, chosen on validation (mean selected val macro-F1): `{best.group}` — "
+            f"val {best.side[SELECTION_METRIC][0]:.3f} ± {best.side[SELECTION_METRIC][1]:.3f}, "
+            f"{'+'.join(best.sources)} macro-F1 {best.stats['macro_f1'][0]:.3f} ± {best.stats['macro_f1'][1]:.3f} "
+            f"over {best.n} seed(s); overrides in best.yaml.",
             "",
         ]
     if top is not None:

@@ -61,7 +61,8 @@ VARIANT_KEY = "variant"
 SEED_KEY = "train.seed"
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy")
 # Shown beside the headline test metrics: the validation score the model was selected on, and the collapse monitor.
-SIDE_METRICS = {"selected val macro_f1": "best/val_macro_f1", "embedding_std": "train/embedding_std"}
+SELECTION_METRIC = "selected val macro_f1"
+SIDE_METRICS = {SELECTION_METRIC: "best/val_macro_f1", "embedding_std": "train/embedding_std"}
 # Reported by every worker in every epoch (see train_loop.train_worker); test/* (of the best-validation
 # epoch so far) only when the data has a test split.
 EPOCH_METRICS = (

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proco_ray.experiments.spec import HEADLINE, SEED_KEY, SIDE_METRICS, VARIANT_KEY, Experiment
+from proco_ray.experiments.spec import HEADLINE, SEED_KEY, SELECTION_METRIC, SIDE_METRICS, VARIANT_KEY, Experiment
 
 
 @dataclass
@@ -102,7 +102,7 @@ def last_reported(history: Sequence[Mapping[str, Any]], key: str) -> float | Non
 
 
 def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Sequence[str] = ()) -> list[GroupSummary]:
-    """Mean ± std over seeds per variant/config; groups in `order` first, then by mean macro-F1."""
+    """Mean ± std over seeds per variant/config; groups in `order` first, then by `selection_score`."""
     groups: dict[str, list[TrialRecord]] = {}
     for record in records:
         groups.setdefault(record.group, []).append(record)
@@ -134,8 +134,7 @@ def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Seq
             )
         )
     rank = {name: i for i, name in enumerate(order)}
-    score = lambda g: -g.stats["macro_f1"][0] if not math.isnan(g.stats["macro_f1"][0]) else math.inf  # noqa: E731
-    return sorted(out, key=lambda g: (rank.get(g.group, len(rank)), score(g)))
+    return sorted(out, key=lambda g: (rank.get(g.group, len(rank)), -selection_score(g)))
 
 
 def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str, Any]]:
@@ -163,10 +162,19 @@ def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str,
     return rows
 
 
-def best_group(groups: Sequence[GroupSummary], key: str = "macro_f1") -> GroupSummary | None:
-    """The variant/config with the highest mean of `key` among groups with metrics."""
-    scored = [g for g in groups if g.n and not math.isnan(g.stats[key][0])]
-    return max(scored, key=lambda g: g.stats[key][0]) if scored else None
+def selection_score(group: GroupSummary) -> float:
+    """Mean over seeds of the validation macro-F1 each trial's kept checkpoint was selected on (-inf without one).
+
+    Settings are chosen on validation: the test metrics the tables report must not choose them.
+    """
+    mean = group.side.get(SELECTION_METRIC, (math.nan, math.nan))[0]
+    return -math.inf if math.isnan(mean) else mean
+
+
+def best_group(groups: Sequence[GroupSummary]) -> GroupSummary | None:
+    """The variant/config with the highest `selection_score` among groups with a validation score."""
+    scored = [g for g in groups if selection_score(g) > -math.inf]
+    return max(scored, key=selection_score) if scored else None
 
 
 def best_trial(records: Sequence[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
