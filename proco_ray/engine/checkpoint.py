@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from proco_ray.errors import ProcoError
+from proco_ray.processes import process_runs
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -55,25 +56,12 @@ def staging_directory(root: str | Path | None = None) -> Iterator[Path]:
         yield Path(folder)
 
 
-def remove_orphaned_staging(root: str | Path) -> list[Path]:
+def remove_orphaned_staging(root: str | Path) -> None:
     """Delete the staging folders in `root` whose process is gone; folders of live processes stay."""
-    removed = []
     for folder in Path(root).glob(f"{STAGING_PREFIX}*"):
         pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _process_runs(int(pid)):
+        if pid.isdigit() and not process_runs(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

