@@ -1,10 +1,13 @@
 """The method registry: ProCo's step and every baseline on a tiny network."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.method.networks import ProCoNetwork
 from proco_ray.method.registry import METHODS, build_method, unwrap
 
 CLASSES = 3
@@ -66,6 +69,26 @@ def test_gradients_reach_query_encoder_heads_and_prototypes_never_keys():
     assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
     assert out.logs["proto_instances_neg"] > 0
     assert 0 < out.logs["embedding_std"] < 1
+
+
+@pytest.mark.parametrize("key_momentum", [0.0, 0.999])
+def test_key_encoder_lag_is_logged_as_its_accuracy_and_its_cosine_to_the_query(key_momentum):
+    """m = 0 makes the key encoder the query encoder, so on identical views both logs are exact."""
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name="proco", gamma=4, queue_size=16), TINY, CLASSES, [8, 3, 1])
+    model = ProCoNetwork(CLASSES, dataclasses.replace(TINY, key_momentum=key_momentum))
+    train_steps(method, model, 3, lr=0.5)
+    batch = fixed_batch(1)
+    batch["view_k"] = batch["view_q"]
+    logs = method.training_loss(model, batch, 0, method.stages(10)[0]).logs
+    if key_momentum == 0.0:
+        with torch.no_grad():
+            query_accuracy = (model(batch["view_q"])["logits"].argmax(1) == batch["label"]).float().mean()
+        assert logs["query_key_cosine"].item() == pytest.approx(1.0, abs=1e-5)
+        assert logs["key_accuracy"].item() == pytest.approx(query_accuracy.item())
+    else:
+        assert logs["query_key_cosine"].item() < 1.0 - 1e-4
+        assert 0.0 <= logs["key_accuracy"].item() <= 1.0
 
 
 def test_key_encoder_follows_query_encoder_by_momentum():

@@ -79,7 +79,15 @@ def test_malformed_domains_are_refused(spec, message):
 
 def test_shipped_experiments_validate():
     shipped = sorted(CONFIG_TUNE_DIR.glob("*.yaml"))
-    assert {p.stem for p in shipped} >= {"hparams", "ablation", "baselines", "compare", "proco-loss", "proco-levers"}
+    assert {p.stem for p in shipped} >= {
+        "hparams",
+        "ablation",
+        "baselines",
+        "compare",
+        "proco-loss",
+        "proco-levers",
+        "proco-momentum",
+    }
     for path in shipped:
         experiment = load_experiment(path)
         configs = validate(experiment, base_tree(load_config(experiment.base).to_dict(), experiment))

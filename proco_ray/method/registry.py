@@ -360,6 +360,8 @@ class ProCo(Method):
             loss, logs = self._proto_loss(q, out["logits"], out["prototypes"], labels, same, bank, bank_labels, bank_preds)
         self.queue.enqueue(keys, key_labels, key_preds)
         logs["embedding_std"] = embedding_std(q.detach())
+        logs["key_accuracy"] = (out["key_preds"] == labels).float().mean()
+        logs["query_key_cosine"] = (q.detach() * out["k"]).sum(dim=1).mean()
         logs["queue_fill"] = torch.tensor(len(self.queue) / max(1, self.queue.size))
         return LossOutput(loss, logs)
 
