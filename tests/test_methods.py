@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.method.networks import ProCoNetwork
 from proco_ray.method.registry import METHODS, build_method, unwrap
 
 CLASSES = 3
@@ -25,10 +24,10 @@ def fixed_batch(seed=0, batch=12):
     }
 
 
-def make(name="proco", **overrides):
+def make(name="proco", model_cfg=TINY, **overrides):
     torch.manual_seed(0)
     cfg = MethodConfig(name=name, gamma=4, queue_size=16, **overrides)
-    method = build_method(cfg, TINY, CLASSES, [8, 3, 1])
+    method = build_method(cfg, model_cfg, CLASSES, [8, 3, 1])
     model = method.build_model()
     return method, model
 
@@ -74,9 +73,7 @@ def test_gradients_reach_query_encoder_heads_and_prototypes_never_keys():
 @pytest.mark.parametrize("key_momentum", [0.0, 0.999])
 def test_key_encoder_lag_is_logged_as_its_accuracy_and_its_cosine_to_the_query(key_momentum):
     """m = 0 makes the key encoder the query encoder, so on identical views both logs are exact."""
-    torch.manual_seed(0)
-    method = build_method(MethodConfig(name="proco", gamma=4, queue_size=16), TINY, CLASSES, [8, 3, 1])
-    model = ProCoNetwork(CLASSES, dataclasses.replace(TINY, key_momentum=key_momentum))
+    method, model = make(model_cfg=dataclasses.replace(TINY, key_momentum=key_momentum))
     train_steps(method, model, 3, lr=0.5)
     batch = fixed_batch(1)
     batch["view_k"] = batch["view_q"]
