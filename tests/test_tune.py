@@ -83,6 +83,7 @@ def test_shipped_experiments_validate():
         "hparams",
         "ablation",
         "baselines",
+        "cl-pretrain",
         "compare",
         "proco-loss",
         "proco-levers",
