@@ -45,7 +45,7 @@ def test_only_and_seeds_narrow_the_grid_under_the_same_trial_names():
         narrow(experiment, seeds="one")
 
 
-def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tmp_path):
+def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tmp_path, capsys):
     experiment = experiment_from_dict(
         {
             "name": "mini",
@@ -61,6 +61,10 @@ def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tm
     assert sorted(r.trial_id for r in records) == ["ce_seed0", "ce_seed1", "proco_seed0", "proco_seed1"]
     assert all(r.error is None and r.epochs == 2 for r in records)
     assert all("test/macro_f1" in r.history[-1] and "best/epoch" in r.history[-1] for r in records)
+    progress = capsys.readouterr().out
+    for record in records:  # each trial's line gives the score its epoch was selected on, not the last epoch's
+        last = record.history[-1]
+        assert f"{record.trial_id}: best epoch {last['best/epoch']}: val macro-F1 {last['best/val_macro_f1']:.3f}" in progress
     table = (tmp_path / "sweep" / "results" / "results.md").read_text()
     assert "| ce | 2 | test |" in table and "| proco | 2 | test |" in table
     history = tmp_path / "sweep" / "ce_seed0" / "history.json"

@@ -142,10 +142,13 @@ def local_sweep(
             outcome = future.result()
             last = outcome["history"][-1] if outcome["history"] else {}
             status = outcome.get("error") or (
-                f"val macro-F1 {last.get('val/macro_f1', float('nan')):.3f}, best epoch {last.get('best/epoch')}, "
-                f"test macro-F1 {last.get('test/macro_f1', float('nan')):.3f}"
+                f"best epoch {last.get('best/epoch')}: val macro-F1 {last.get('best/val_macro_f1', float('nan')):.3f}, "
+                f"test macro-F1 {last.get('test/macro_f1', float('nan')):.3f} (last epoch's val "
+                f"{last.get('val/macro_f1', float('nan')):.3f})"
             )
-            print(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f} s since the sweep began)", flush=True
+            )
     records = []
     for params in trials:
         name = trial_name(params)
