@@ -82,6 +82,7 @@ class MethodConfig:
     mtl_weight: float = 1.0
     supcon_temperature: float = 0.1
     pretrain_fraction: float = 0.5
+    linear_probe_norm: bool = False
 
 
 @dataclass

@@ -244,3 +244,37 @@ def test_mtl_location_term_leaves_out_unknown_sites_and_the_exported_network():
     assert not any("location" in name for name, _ in model.inference_network().named_parameters())
     with pytest.raises(ValueError, match="body-location column"):
         method.training_loss(model, {k: v for k, v in batch.items() if k != "location"}, 0, method.stages(1)[0])
+
+
+def backbone_statistics(model):
+    return [m.running_mean.clone() for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def linear_stage_losses(probe_norm, feature_scale, steps=12):
+    """CL's linear stage on a backbone whose features are `feature_scale` times larger, at lr 0.05."""
+    method, model = make("cl", linear_probe_norm=probe_norm)
+    linear = method.stages(10)[1]
+    method.enter_stage(model, linear)
+    frozen = backbone_statistics(model)
+    model.backbone.register_forward_hook(lambda module, inputs, output: output * feature_scale)
+    optimizer = torch.optim.SGD(method.trainable_parameters(model, linear), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        model.train()
+        out = method.training_loss(model, fixed_batch(), epoch=9, stage=linear)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert all(torch.equal(a, b) for a, b in zip(frozen, backbone_statistics(model)))
+    return model, losses
+
+
+def test_cl_normalised_probe_standardises_frozen_features_of_any_scale():
+    model, normalised = linear_stage_losses(probe_norm=True, feature_scale=100.0)
+    norm, linear = model.fc
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and isinstance(linear, torch.nn.Linear)
+    assert norm.running_mean.abs().sum() > 0  # it learnt the frozen features' statistics
+    _, unnormalised = linear_stage_losses(probe_norm=False, feature_scale=100.0)
+    assert max(normalised) < 10 and normalised[-1] < normalised[0]
+    assert max(unnormalised) > 10 * max(normalised)  # the plain probe at the same lr diverges on such features

@@ -194,14 +194,23 @@ class CosineLinear(nn.Module):
 class Classifier(nn.Module):
     """Backbone + linear classifier for the baselines; `projector=True` adds the SupCon projection head,
     `cosine=True` makes the classifier a CosineLinear (LDAM's margins and scale are meant for cosine logits),
-    `locations` > 0 adds MTL's body-location head."""
+    `locations` > 0 adds MTL's body-location head, `probe_norm=True` puts a BatchNorm without affine
+    parameters before the classifier (MAE's linear probe: frozen features of any scale reach it standardised)."""
 
     def __init__(
-        self, num_classes: int, model: ModelConfig, projector: bool = False, cosine: bool = False, locations: int = 0
+        self,
+        num_classes: int,
+        model: ModelConfig,
+        projector: bool = False,
+        cosine: bool = False,
+        locations: int = 0,
+        probe_norm: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, dim = build_backbone(model.arch, model.small_input, model.pretrained, model.norm)
-        self.fc = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
+        self.fc: nn.Module = CosineLinear(dim, num_classes) if cosine else nn.Linear(dim, num_classes)
+        if probe_norm:
+            self.fc = nn.Sequential(nn.BatchNorm1d(dim, affine=False), self.fc)
         self.location_fc = nn.Linear(dim, locations) if locations else None
         self.projector = (
             nn.Sequential(nn.Linear(dim, model.hidden_dim), nn.ReLU(inplace=True), nn.Linear(model.hidden_dim, model.feat_dim))

@@ -251,7 +251,7 @@ class SupConLinear(Method):
             raise ValueError(f"method.pretrain_fraction must lie in (0, 1), got {cfg.pretrain_fraction}")
 
     def build_model(self) -> nn.Module:
-        return Classifier(self.num_classes, self.model_cfg, projector=True)
+        return Classifier(self.num_classes, self.model_cfg, projector=True, probe_norm=self.cfg.linear_probe_norm)
 
     @classmethod
     def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
