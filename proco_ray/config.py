@@ -83,6 +83,7 @@ class MethodConfig:
     supcon_temperature: float = 0.1
     pretrain_fraction: float = 0.5
     linear_probe_norm: bool = False
+    logit_adjustment: float = 0.0
 
 
 @dataclass

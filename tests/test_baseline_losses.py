@@ -14,6 +14,7 @@ from proco_ray.method.losses.baselines import (
     distractor_classes,
     drw_class_weights,
     focal_loss,
+    logit_adjustments,
     ohem_loss,
     supcon_loss,
 )
@@ -199,6 +200,23 @@ def test_drw_class_weights_formula():
     torch.testing.assert_close(drw_class_weights(COUNTS, beta=0.0), torch.ones(len(COUNTS)))
 
 
+# ---------------------------------------------------------------- logit adjustment
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 2.0])
+def test_logit_adjustments_are_tau_log_prior_and_make_the_loss_of_a_loop(tau):
+    total = sum(COUNTS)
+    expected = [tau * math.log(n / total) for n in COUNTS]
+    got = logit_adjustments(COUNTS, tau)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+    logits, labels = _random_batch()
+    loss = F.cross_entropy(logits + got.double(), labels)
+    rows = [_log_softmax_row([v + a for v, a in zip(row, expected)]) for row in logits.tolist()]
+    looped = -sum(row[y] for row, y in zip(rows, labels.tolist())) / len(rows)
+    assert loss.item() == pytest.approx(looped, rel=1e-6)
+
+
 # ---------------------------------------------------------------- OHEM
 
 
@@ -316,6 +334,9 @@ _F = torch.zeros(4, 2, 5)
         (lambda: drw_class_weights([5, 0]), "class_counts"),
         (lambda: drw_class_weights([5, 1], beta=1.0), "beta"),
         (lambda: drw_class_weights([5, 1], beta=-0.1), "beta"),
+        (lambda: logit_adjustments([5, 0]), "class_counts"),
+        (lambda: logit_adjustments([5, 1], tau=-1.0), "tau"),
+        (lambda: logit_adjustments([5, 1], tau=float("nan")), "tau"),
         (lambda: ohem_loss(_L, _Y, keep_ratio=0.0), "keep_ratio"),
         (lambda: ohem_loss(_L, _Y, keep_ratio=1.5), "keep_ratio"),
         (lambda: ohem_loss(_L, torch.tensor([0, 1, 2, 7]), keep_ratio=0.5), "labels"),

@@ -278,3 +278,43 @@ def test_cl_normalised_probe_standardises_frozen_features_of_any_scale():
     _, unnormalised = linear_stage_losses(probe_norm=False, feature_scale=100.0)
     assert max(normalised) < 10 and normalised[-1] < normalised[0]
     assert max(unnormalised) > 10 * max(normalised)  # the plain probe at the same lr diverges on such features
+
+
+def test_ce_with_logit_adjustment_is_the_logit_adjusted_loss_and_predicts_with_raw_logits():
+    plain, model = make("ce")
+    adjusted, _ = make("ce", logit_adjustment=1.0)
+    batch = fixed_batch()
+    logits = model(batch["view_q"])
+    prior = [8 / 12, 3 / 12, 1 / 12]
+    looped = sum(-F.log_softmax(row + torch.log(torch.tensor(prior)), dim=0)[y] for row, y in zip(logits, batch["label"])) / len(
+        logits
+    )
+    torch.testing.assert_close(adjusted.training_loss(model, batch, 0, adjusted.stages(1)[0]).loss, looped)
+    torch.testing.assert_close(
+        plain.training_loss(model, batch, 0, plain.stages(1)[0]).loss, F.cross_entropy(logits, batch["label"])
+    )
+    torch.testing.assert_close(adjusted.predict(model, batch["view_q"]), plain.predict(model, batch["view_q"]))
+
+
+@pytest.mark.parametrize("loss", ["proto", "ce"])
+def test_proco_adds_tau_log_prior_to_its_recalibrated_training_logits(monkeypatch, loss):
+    import proco_ray.method.registry as registry
+
+    seen = []
+    for tau in (0.0, 2.0):
+        method, model = make("proco", loss=loss, logit_adjustment=tau)
+        monkeypatch.setattr(registry, "unified_proto_loss", lambda *a, **k: seen.append(a[3]) or torch.zeros(12))
+        monkeypatch.setattr(registry.F, "cross_entropy", lambda logits, labels: seen.append(logits) or logits.sum())
+        method.training_loss(model, fixed_batch(), 0, method.stages(1)[0])
+        monkeypatch.undo()
+    shift = seen[1] - seen[0]
+    expected = 2.0 * torch.log(torch.tensor([8 / 12, 3 / 12, 1 / 12]))
+    torch.testing.assert_close(shift, expected.expand_as(shift))
+
+
+@pytest.mark.parametrize("name", ["focal", "ldam_drw", "cl_resample", "danil"])
+def test_logit_adjustment_is_refused_by_methods_that_would_ignore_it(name):
+    with pytest.raises(ValueError, match="method.logit_adjustment is not used by method"):
+        make(name, logit_adjustment=1.0)
+    with pytest.raises(ValueError, match="method.logit_adjustment must be >= 0"):
+        make("ce", logit_adjustment=-1.0)

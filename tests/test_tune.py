@@ -87,6 +87,7 @@ def test_shipped_experiments_validate():
         "compare",
         "proco-loss",
         "proco-levers",
+        "proco-la",
         "proco-momentum",
     }
     for path in shipped:

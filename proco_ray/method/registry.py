@@ -32,6 +32,7 @@ from proco_ray.method.losses import (
     drw_class_weights,
     embedding_std,
     focal_loss,
+    logit_adjustments,
     ohem_loss,
     supcon_loss,
     supervised_infonce,
@@ -82,6 +83,8 @@ class Method(nn.Module):
     resample = False
     two_views = False
     find_unused_parameters = False
+    adjusts_logits = False  # honours method.logit_adjustment
+    logit_offsets: Tensor
 
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
         super().__init__()
@@ -89,10 +92,21 @@ class Method(nn.Module):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if len(class_counts) != num_classes:
             raise ValueError(f"class_counts must have {num_classes} entries, got {len(class_counts)}")
+        if not cfg.logit_adjustment >= 0:
+            raise ValueError(f"method.logit_adjustment must be >= 0, got {cfg.logit_adjustment}")
+        if cfg.logit_adjustment and not self.adjusts_logits:
+            adjusting = sorted(name for name, method in METHODS.items() if method.adjusts_logits)
+            raise ValueError(f"method.logit_adjustment is not used by method '{self.name}'; it applies to {', '.join(adjusting)}")
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.num_classes = num_classes
         self.class_counts = [int(c) for c in class_counts]
+        offsets = logit_adjustments(self.class_counts, cfg.logit_adjustment) if self.adjusts_logits else torch.zeros(0)
+        self.register_buffer("logit_offsets", offsets, persistent=False)
+
+    def adjusted(self, logits: Tensor) -> Tensor:
+        """The training logits of the logit-adjusted loss (`method.logit_adjustment` = tau; 0 leaves them as they are)."""
+        return logits + self.logit_offsets.to(logits.dtype) if self.cfg.logit_adjustment else logits
 
     def build_model(self) -> nn.Module:
         return Classifier(self.num_classes, self.model_cfg)
@@ -126,13 +140,14 @@ def _labelled_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 class CrossEntropy(Method):
-    """CE with instance-balanced sampling."""
+    """CE with instance-balanced sampling; with `method.logit_adjustment` tau > 0, Menon et al.'s logit-adjusted loss."""
 
     name = "ce"
+    adjusts_logits = True
 
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
         logits, labels = _labelled_logits(model, batch)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(self.adjusted(logits), labels)
         return LossOutput(loss, {"ce": loss.detach()})
 
 
@@ -294,6 +309,7 @@ class ProCo(Method):
 
     name = "proco"
     two_views = True
+    adjusts_logits = True
 
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> None:
         super().__init__(cfg, model_cfg, num_classes, class_counts)
@@ -341,7 +357,7 @@ class ProCo(Method):
         labels = batch["label"]
         if self.cfg.loss == "ce":
             out = model(batch["view_q"])
-            loss = F.cross_entropy(out["logits"], labels)
+            loss = F.cross_entropy(self.adjusted(out["logits"]), labels)
             return LossOutput(loss, {"ce": loss.detach()})
         out = model(batch["view_q"], batch["view_k"])
         keys, key_labels, key_preds = SampleQueue.gather(out["k"], labels, out["key_preds"])
@@ -353,7 +369,7 @@ class ProCo(Method):
         same = labels[:, None] == bank_labels[None, :]
         if self.cfg.loss == "infonce":
             nce = supervised_infonce(q @ bank.T / self.cfg.infonce_temperature, same).mean()
-            ce = F.cross_entropy(out["logits"], labels)
+            ce = F.cross_entropy(self.adjusted(out["logits"]), labels)
             logs = {"infonce": nce.detach(), "ce": ce.detach()}
             loss = nce + ce
         else:
@@ -380,6 +396,7 @@ class ProCo(Method):
         if self.cfg.recalibration:
             self.recalibration.update(logits.detach(), labels)
             logits = logits + self.recalibration.log_weights.to(logits.dtype)
+        logits = self.adjusted(logits)
         logs: dict[str, Tensor] = {}
         proto_negatives = proto_positives = None
         if self.uses_proto_instances:

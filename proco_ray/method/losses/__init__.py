@@ -6,6 +6,7 @@ from proco_ray.method.losses.baselines import (
     distractor_classes,
     drw_class_weights,
     focal_loss,
+    logit_adjustments,
     ohem_loss,
     supcon_loss,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "distractor_classes",
     "drw_class_weights",
     "focal_loss",
+    "logit_adjustments",
     "ohem_loss",
     "supcon_loss",
 ]

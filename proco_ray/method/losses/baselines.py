@@ -26,6 +26,7 @@ __all__ = [
     "distractor_classes",
     "drw_class_weights",
     "focal_loss",
+    "logit_adjustments",
     "ohem_loss",
     "supcon_loss",
 ]
@@ -145,6 +146,21 @@ def drw_class_weights(class_counts: Sequence[int], beta: float = 0.9999) -> Tens
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
     return (weights * counts.numel() / weights.sum()).float()
+
+
+def logit_adjustments(class_counts: Sequence[int], tau: float = 1.0) -> Tensor:
+    """``tau * log(pi_c)``, the training prior pi_c = n_c / N: the offsets of the logit-adjusted loss
+    (Menon et al., ICLR 2021: softmax cross-entropy on ``f_c(x) + tau log pi_c``).
+
+    Added to the logits in training only, they make the rare classes' logits win by a larger margin,
+    so the raw logits predict as if the classes were balanced: a correction for the prior without
+    resampling, which leaves every image's share of the representation learning as it is. Returned on
+    CPU as float32; ``tau = 0`` gives zeros.
+    """
+    counts = _class_counts(class_counts)
+    if not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau}")
+    return (tau * torch.log(counts / counts.sum())).float()
 
 
 def ohem_loss(logits: Tensor, labels: Tensor, keep_ratio: float) -> Tensor:
