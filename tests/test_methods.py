@@ -316,5 +316,9 @@ def test_proco_adds_tau_log_prior_to_its_recalibrated_training_logits(monkeypatc
 def test_logit_adjustment_is_refused_by_methods_that_would_ignore_it(name):
     with pytest.raises(ValueError, match="method.logit_adjustment is not used by method"):
         make(name, logit_adjustment=1.0)
+
+
+@pytest.mark.parametrize("tau", [-1.0, float("nan")])
+def test_a_negative_or_undefined_logit_adjustment_is_refused(tau):
     with pytest.raises(ValueError, match="method.logit_adjustment must be >= 0"):
-        make("ce", logit_adjustment=-1.0)
+        make("ce", logit_adjustment=tau)
