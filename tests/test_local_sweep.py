@@ -76,3 +76,50 @@ def test_local_sweep_trains_in_processes_writes_results_and_resumes(prepared, tm
     changed = dataclasses.replace(experiment, variants={"ce": {"method.name": "focal"}, "proco": {"method.name": "proco"}})
     with pytest.raises(ConfigError, match="ce_seed0 was run with another config than experiment 'mini'"):
         local_sweep(changed, base, tmp_path / "sweep", parallel=2, workers=0)
+
+
+def test_a_killed_sweep_resumes_its_trial_from_the_latest_checkpoint_and_matches_an_unbroken_one(prepared, tmp_path):
+    """A machine that stops mid-trial (SIGKILL to the whole sweep) loses at most the epoch under way: the rerun
+    resumes after the last checkpointed epoch, and the finished history equals an uninterrupted trial's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    (tmp_path / "exp.yaml").write_text(
+        yaml.safe_dump({"name": "one", "variants": {"proco": {"method.name": "proco"}}, "seeds": [0], "asha": None})
+    )
+    command = [
+        sys.executable, "-m", "proco_ray", "local-sweep", "--experiment", str(tmp_path / "exp.yaml"),
+        "--config", str(TINY), "--data", prepared, "--workers", "0", "optim.epochs=4", "data.image_size=16",
+    ]  # fmt: skip
+    broken = subprocess.Popen([*command, "--out", str(tmp_path / "broken")], start_new_session=True, text=True)
+    trial = tmp_path / "broken" / "proco_seed0"
+    deadline = time.monotonic() + 300
+    while not list(trial.glob("checkpoint_epoch_0002")) and broken.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(broken.pid, signal.SIGKILL)
+    broken.wait()
+    done_before = json.loads((trial / "history.json").read_text())
+    assert 2 <= len(done_before) < 4, "the kill should land mid-trial"
+
+    rerun = subprocess.run([*command, "--out", str(tmp_path / "broken")], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed_after = int(rerun.stdout.split("proco_seed0: resuming after epoch ")[1].split()[0])
+    assert resumed_after >= 2
+    unbroken = subprocess.run([*command, "--out", str(tmp_path / "unbroken")], capture_output=True, text=True, timeout=300)
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    assert "resuming" not in unbroken.stdout
+
+    def comparable(path: Path) -> list[dict]:
+        timing = ("train/images_per_s", "train/data_wait_share")
+        return [{k: v for k, v in row.items() if k not in timing} for row in json.loads(path.read_text())]
+
+    resumed = comparable(trial / "history.json")
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
+    assert resumed == comparable(tmp_path / "unbroken" / "proco_seed0" / "history.json")
+    assert "last/test/macro_f1" in resumed[-1] and all("last/test/macro_f1" not in row for row in resumed[:-1])
+    assert [d.name for d in trial.glob("checkpoint_epoch_*")] == ["checkpoint_epoch_0004"]

@@ -186,6 +186,7 @@ def evaluate(
 
 
 SELECTION_METRIC = "val/macro_f1"
+LAST_TEST = "last/test"  # the test metrics of the last epoch, which the cosine schedule ends at lr 0: no selection
 BEST_EPOCH, BEST_SCORE = "best/epoch", "best/val_macro_f1"
 # What checkpoints are ranked by: val macro-F1 with ties going to the earlier epoch, as `is_better` selects,
 # so the checkpoint kept as best is always the selected epoch's.
@@ -274,8 +275,9 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
 
     Every report carries the validation metrics of its epoch and, under best/* and test/*, the epoch
     with the best validation macro-F1 so far and its test metrics: the test split is evaluated only
-    when validation improves, so the test metrics reported are always those of the model selected on
-    validation (the checkpoint kept as best), never of the last epoch.
+    when validation improves, so test/* are always those of the model selected on validation (the
+    checkpoint kept as best). The last epoch's report adds last/test/*, the test metrics of the last
+    epoch, a reading that involves no selection on the small validation split.
     """
     device = env.device
     _check_device(config, device)
@@ -345,14 +347,22 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp
                 )
                 metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
+                has_test = config.data.test_split in feed.eval_splits
+                test = None
                 if is_better(metrics, best):
                     best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}
-                    if config.data.test_split in feed.eval_splits:
+                    if has_test:
                         test = evaluate(
                             model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
                         )
                         best.update(flat_metrics("test", test))
                 metrics.update(best)
+                if has_test and epoch + 1 == total_epochs:
+                    if test is None:
+                        test = evaluate(
+                            model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
+                        )
+                    metrics.update(flat_metrics(LAST_TEST, test))
                 metrics[CHECKPOINT_SCORE] = selection_score(metrics[SELECTION_METRIC], epoch + 1)
                 collapse = collapse_warning(metrics, config.model.feat_dim)
                 metrics["train/collapsed"] = float(collapse is not None)

@@ -60,9 +60,15 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 VARIANT_KEY = "variant"
 SEED_KEY = "train.seed"
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy")
-# Shown beside the headline test metrics: the validation score the model was selected on, and the collapse monitor.
+# Shown beside the headline test metrics: the validation score the model was selected on, the collapse monitor,
+# and the test macro-F1 of the last epoch (no selection on validation).
 SELECTION_METRIC = "selected val macro_f1"
-SIDE_METRICS = {SELECTION_METRIC: "best/val_macro_f1", "embedding_std": "train/embedding_std"}
+LAST_EPOCH_TEST = "last-epoch test macro_f1"
+SIDE_METRICS = {
+    SELECTION_METRIC: "best/val_macro_f1",
+    "embedding_std": "train/embedding_std",
+    LAST_EPOCH_TEST: "last/test/macro_f1",
+}
 # Reported by every worker in every epoch (see train_loop.train_worker); test/* (of the best-validation
 # epoch so far) only when the data has a test split.
 EPOCH_METRICS = (

@@ -1,6 +1,6 @@
 """An experiment's grid (variants x seeds) on one machine without Ray: `proco-ray local-sweep`.
 
-Each trial is the per-worker loop (`train_loop.train_worker`) on a `feeds.local_feed` over the
+Each trial is the per-worker loop (`engine.loop.train_worker`) on a `feeds.local_feed` over the
 prepared dataset (the same shards, checks, row orders and augmentations as the Ray Data
 pipeline), in its own process; `--parallel` trials run at once and share the machine's CPUs
 and its one GPU. It is for a single GPU machine or a workstation, where a Ray cluster buys
@@ -8,6 +8,8 @@ nothing; `proco-ray tune` runs the same experiment files on a cluster, with ASHA
 
 Layout of `--out`:
     <trial>/config.yaml, <trial>/history.json   every epoch's metrics; a complete history is not rerun
+    <trial>/checkpoint_epoch_NNNN/              the trial's latest checkpoint: an interrupted trial resumes
+                                                  from it when the sweep is rerun (the final model once complete)
     results/                                      the same tables and plots as `proco-ray tune`
 """
 
@@ -18,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -60,8 +63,38 @@ def _history_path(out: Path, name: str) -> Path:
     return out / name / "history.json"
 
 
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+
+
+def latest_checkpoint(trial_dir: Path) -> tuple[Path, int] | None:
+    """The trial's newest complete checkpoint folder and its epoch (folders are renamed into place when whole)."""
+    found = [(int(d.name[len(CHECKPOINT_PREFIX) :]), d) for d in trial_dir.glob(f"{CHECKPOINT_PREFIX}[0-9]*") if d.is_dir()]
+    if not found:
+        return None
+    epoch, folder = max(found)
+    return folder, epoch
+
+
+def keep_latest_checkpoint(trial_dir: Path, checkpoint_dir: Path, epoch: int) -> None:
+    """Copy a new checkpoint in under a partial name, rename it into place, then drop the older ones."""
+    target = trial_dir / f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    partial = trial_dir / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    for older in trial_dir.glob(f"{CHECKPOINT_PREFIX}[0-9]*"):
+        if older != target:
+            shutil.rmtree(older, ignore_errors=True)
+
+
 def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads: int, workers: int) -> dict[str, Any]:
-    """One trial in this process; returns {'history': [...]} or {'error': '...'}. Writes history.json as it goes."""
+    """One trial in this process; returns {'history': [...]} or {'error': '...'}.
+
+    Every epoch it writes history.json, then its checkpoint: a trial stopped at any point resumes from its
+    latest checkpoint, with the history cut back to that epoch (the loop reseeds every epoch, so the resumed
+    trial draws what an uninterrupted one draws).
+    """
     import torch
 
     from proco_ray.config import config_from_dict
@@ -72,16 +105,26 @@ def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads:
     config = config_from_dict(config_dict)
     directory = Path(trial_dir)
     history: list[dict[str, Any]] = []
+    latest = latest_checkpoint(directory)
+    if latest is not None and (directory / "history.json").is_file():
+        history = [row for row in json.loads((directory / "history.json").read_text()) if row["epoch"] <= latest[1]]
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         history.append(metrics)
         partial = directory / "history.json.partial"
         partial.write_text(json.dumps(history))
         partial.replace(directory / "history.json")
+        if checkpoint_dir is not None:
+            keep_latest_checkpoint(directory, checkpoint_dir, int(metrics["epoch"]))
 
     try:
         feed = local_feed(config.data.uri, config, workers=workers)
-        env = WorkerEnv(device=torch.device(device), report=report, print_progress=False, save_checkpoints=False)
+        env = WorkerEnv(
+            device=torch.device(device),
+            report=report,
+            print_progress=False,
+            resume_from=latest[0] if latest is not None else None,
+        )
         train_worker(config, feed, env)
         return {"history": history}
     except Exception as error:  # noqa: BLE001 - a failed trial is recorded, the sweep goes on
@@ -99,7 +142,8 @@ def local_sweep(
     workers: int = 1,
     report_only: bool = False,
 ) -> list[TrialRecord]:
-    """Run every trial not already complete in `out`, `parallel` at a time; write results/; return the records.
+    """Run every trial not already complete in `out`, `parallel` at a time, resuming interrupted ones from their
+    latest checkpoint; write results/; return the records.
 
     `report_only` trains nothing and writes results/ from the trials found (running, cut short or complete).
     """
@@ -125,6 +169,9 @@ def local_sweep(
         (out / name).mkdir(exist_ok=True)
         (out / name / "error.txt").unlink(missing_ok=True)
         save_config(config, out / name / "config.yaml")
+        latest = latest_checkpoint(out / name)
+        if latest is not None:
+            print(f"{name}: resuming after epoch {latest[1]} of {config.optim.epochs} ({latest[0].name})", flush=True)
         todo.append((name, config))
     if not report_only:
         print(
@@ -190,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)"
     )
     parser.add_argument("--data", required=True, help="prepared dataset URI (sets data.uri)")
-    parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes)")
+    parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes unfinished trials)")
     parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
     parser.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
