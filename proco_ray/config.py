@@ -35,6 +35,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     augmentation: str = "auto"
+    prefetch_batches: int = 2  # batches a Ray Train worker has copied to its device ahead of the step
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -105,6 +106,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # under 1, workers share a GPU (with dist_backend=gloo: NCCL refuses that)
+    dist_backend: str = "auto"  # auto: gloo on CPU workers, cpu:gloo,cuda:nccl on GPU workers
     seed: int = 0
     storage_path: str = "./runs"
     name: str = "proco"
@@ -128,12 +131,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def run_resources(self, streams_data: bool = True) -> dict[str, float]:
-        """What one training run holds on a Ray cluster: its workers (+1 GPU each), and one CPU beside
+        """What one training run holds on a Ray cluster: its workers (+ gpus_per_worker each), and one CPU beside
         them for Ray Data to decode and augment the images (with none left, the workers wait forever)."""
         cpus = self.train.num_workers * self.train.cpus_per_worker + (DATA_CPUS if streams_data else 0)
         need = {"CPU": float(cpus)}
         if self.train.use_gpu:
-            need["GPU"] = float(self.train.num_workers)
+            need["GPU"] = self.train.num_workers * self.train.gpus_per_worker
         return need
 
 

@@ -129,3 +129,59 @@ def test_danil_double_backprop_under_ddp_gives_the_full_batch_gradient(tmp_path)
         ranked = torch.load(tmp_path / f"danil{rank}.pt")
         for name, grad in full.items():
             torch.testing.assert_close(ranked[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_gpu_workers_get_a_process_group_for_cpu_and_cuda_tensors(tmp_path):
+    """With train.use_gpu, Ray Train's default group is NCCL alone, which refuses CPU tensors, so the end of the
+    first epoch (a CPU all-reduce) failed on every multi-GPU run. The trainer now asks for one backend per device."""
+    from proco_ray.config import load_config
+    from proco_ray.engine.feeds import GeneratedFeed
+    from proco_ray.launch.trainer import build_trainer
+
+    feed = GeneratedFeed(train_counts=(8, 8), eval_counts=(2, 2), image_size=16)
+    tiny = os.path.join(os.path.dirname(__file__), "tiny.yaml")
+
+    def backend(*overrides: str) -> str:
+        config = load_config(tiny, [f"train.storage_path={tmp_path}", "train.num_workers=2", *overrides])
+        return build_trainer(config, feed).backend_config.backend
+
+    assert backend("train.use_gpu=true") == "cpu:gloo,cuda:nccl"
+    assert backend("train.use_gpu=false") == "gloo"
+    assert backend("train.use_gpu=true", "train.gpus_per_worker=0.5", "train.dist_backend=gloo") == "gloo"
+
+
+def test_workers_sharing_a_gpu_are_refused_an_nccl_group(tmp_path):
+    import pytest
+
+    from proco_ray.config import ConfigError, load_config
+    from proco_ray.engine.feeds import GeneratedFeed
+    from proco_ray.launch.trainer import build_trainer
+
+    overrides = [f"train.storage_path={tmp_path}", "train.num_workers=2", "train.use_gpu=true", "train.gpus_per_worker=0.5"]
+    with pytest.raises(ConfigError, match="NCCL .* refuses to run: set train.dist_backend=gloo"):
+        build_trainer(load_config(None, overrides), GeneratedFeed((8, 8), (2, 2)))
+
+
+def collectives_worker(rank: int, port: int, out_dir: str):
+    """The loop's and the methods' collectives on CPU tensors under a device-mapped group: the CPU side of what GPU
+    workers get (`cpu:gloo,cuda:nccl`; its NCCL side cannot be created without GPUs)."""
+    from proco_ray.engine import distributed
+
+    dist.init_process_group("cpu:gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        means = distributed.mean_over_ranks({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank + 1)})
+        confusion = distributed.all_reduce_sum(torch.full((2, 2), rank + 1, dtype=torch.long))
+        torch.save({"means": means, "confusion": confusion, **run_steps(rank, WORLD)}, os.path.join(out_dir, f"c{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_collective_helpers_reduce_across_real_processes_of_a_device_mapped_group(tmp_path):
+    mp.spawn(collectives_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    single = run_steps(0, 1)
+    for rank in range(WORLD):
+        state = torch.load(tmp_path / f"c{rank}.pt")
+        assert state["means"] == {"a": 0.5, "b": 2.0}
+        assert torch.equal(state["confusion"], torch.full((2, 2), 3))
+        for key, value in single["recal"].items():
+            torch.testing.assert_close(state["recal"][key], value)

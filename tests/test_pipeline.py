@@ -59,29 +59,29 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         read_manifest(str(tmp_path))
 
 
-def test_train_batches_have_two_independent_views(prepared):
-    batch = next(iter(build_dataset(prepared, "train", image_size=SIZE, train=True).iter_torch_batches(batch_size=8)))
-    assert set(batch) == {"view_q", "view_k", "label"}
-    assert batch["view_q"].shape == batch["view_k"].shape == (8, 3, SIZE, SIZE)
-    assert batch["view_q"].dtype == torch.float32 and batch["label"].dtype == torch.int64
-    assert not torch.allclose(batch["view_q"], batch["view_k"])
-    assert -3 < float(batch["view_q"].mean()) < 3  # normalised, not 0-255
+def test_train_batches_are_the_stored_uint8_images(prepared):
+    """The pipeline delivers what prepare stored, decoded only: uint8 at the stored size, 3 bytes a pixel."""
+    batch = next(iter(build_dataset(prepared, "train", train=True).iter_torch_batches(batch_size=8)))
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == torch.uint8
+    assert batch["label"].dtype == torch.int64
+    assert int(batch["image"].max()) > 1  # pixels 0-255, not normalised
 
 
 def test_eval_is_deterministic_and_complete(prepared):
-    ds = build_dataset(prepared, "test", image_size=SIZE, train=False, with_ids=True)
+    ds = build_dataset(prepared, "test", train=False, with_ids=True)
     runs = [
         {i: img for b in ds.iter_batches(batch_size=8, batch_format="numpy") for i, img in zip(b["id"], b["image"])}
         for _ in range(2)
     ]
     assert len(runs[0]) == read_manifest(prepared).num_rows("test")
     assert runs[0].keys() == runs[1].keys() and all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
-    batch = next(iter(build_dataset(prepared, "test", image_size=SIZE, train=False).iter_torch_batches(batch_size=4)))
-    assert set(batch) == {"image", "label"} and batch["image"].shape == (4, 3, SIZE, SIZE)
+    batch = next(iter(build_dataset(prepared, "test", train=False).iter_torch_batches(batch_size=4)))
+    assert set(batch) == {"image", "label"} and batch["image"].shape == (4, SIZE, SIZE, 3)
 
 
 def test_every_training_row_once_per_epoch_across_two_consumers(prepared):
-    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True)
+    ds = build_dataset(prepared, "train", train=True, with_ids=True)
     consumers = ds.streaming_split(2, equal=False)
     expected = read_manifest(prepared).num_rows("train")
     orders = []
@@ -102,9 +102,9 @@ def test_shuffle_is_fresh_each_epoch_and_seeded(prepared, ray_local):
     context = ray_local.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     try:
-        first = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=1)
-        again = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=1)
-        other = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=2)
+        first = build_dataset(prepared, "train", train=True, with_ids=True, seed=1)
+        again = build_dataset(prepared, "train", train=True, with_ids=True, seed=1)
+        other = build_dataset(prepared, "train", train=True, with_ids=True, seed=2)
         epochs = [epoch_ids(first), epoch_ids(first)]
         assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
         assert epoch_ids(again) == epochs[0]
@@ -122,7 +122,7 @@ def test_a_dataset_for_a_resumed_run_continues_the_row_orders(prepared, ray_loca
     context.execution_options.preserve_order = True
     try:
         for resample in (False, True):
-            common = dict(image_size=SIZE, train=True, augmentation="none", with_ids=True, seed=3, resample=resample)
+            common = dict(train=True, with_ids=True, seed=3, resample=resample)
             [straight] = build_dataset(prepared, "train", **common).streaming_split(1)
             orders = [epoch_ids(straight) for _ in range(3)]
             [resumed] = build_dataset(prepared, "train", first_epoch=2, **common).streaming_split(1)
@@ -132,7 +132,7 @@ def test_a_dataset_for_a_resumed_run_continues_the_row_orders(prepared, ray_loca
 
 
 def test_class_balanced_resampling(skewed):
-    ds = build_dataset(skewed, "train", image_size=8, train=True, resample=True)
+    ds = build_dataset(skewed, "train", train=True, resample=True)
     draws = []
     for _ in range(2):
         labels = torch.cat([b["label"] for b in ds.iter_torch_batches(batch_size=64)])
@@ -151,10 +151,10 @@ def test_tampered_shard_is_named(prepared, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (copy / shard).write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"(?s)do not match manifest.json.*{shard}: sha256"):
-        build_dataset(str(copy), "val", image_size=SIZE, train=False)
+        build_dataset(str(copy), "val", train=False)
     Path(copy / shard).unlink()
     with pytest.raises(DataError, match=f"{shard}: missing"):
-        build_dataset(str(copy), "val", image_size=SIZE, train=False)
+        build_dataset(str(copy), "val", train=False)
 
 
 def test_label_outside_the_classes_is_named_where_data_enters(prepared, tmp_path):
@@ -189,14 +189,8 @@ def test_streams_from_s3(tmp_path, datagen, s3_env, ray_local):
     uri = "s3://proco/pipeline-test"
     prepare(str(source), uri, PrepareOptions(image_size=SIZE, split="official", overwrite=True))
     manifest = read_manifest(uri)
-    batches = list(build_dataset(uri, "train", image_size=SIZE, train=True).iter_torch_batches(batch_size=10))
+    batches = list(build_dataset(uri, "train", train=True).iter_torch_batches(batch_size=10))
     assert sum(len(b["label"]) for b in batches) == manifest.num_rows("train") == 30
-
-
-def test_single_view_supervised_batches_have_no_key_view(prepared):
-    ds = build_dataset(prepared, "train", image_size=SIZE, train=True, augmentation="supervised", views=1)
-    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
-    assert set(batch) == {"view_q", "label"} and batch["view_q"].shape == (8, 3, SIZE, SIZE)
 
 
 def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
@@ -210,14 +204,53 @@ def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
     assert feed.class_names == manifest.classes and feed.class_counts == manifest.class_counts("train")
     assert feed.steps_per_epoch == manifest.num_rows("train") // 8
     batches = list(feed.train_batches(TrainInput(False, "moco_v2", 2), 0))
-    assert len(batches) == feed.steps_per_epoch and set(batches[0]) == {"view_q", "view_k", "label"}
-    single = next(iter(feed.train_batches(TrainInput(True, "supervised", 1), 0)))
-    assert set(single) == {"view_q", "label"} and single["view_q"].shape == (8, 3, SIZE, SIZE)
+    assert len(batches) == feed.steps_per_epoch and set(batches[0]) == {"image", "label"}
+    assert batches[0]["image"].shape == (8, SIZE, SIZE, 3) and batches[0]["image"].dtype == torch.uint8
     local = torch.cat([b["image"] for b in feed.eval_batches("val")])
-    ray_side = torch.cat(
-        [b["image"] for b in build_dataset(prepared, "val", image_size=SIZE, train=False).iter_torch_batches(batch_size=16)]
-    )
-    assert local.shape == ray_side.shape
-    torch.testing.assert_close(local.sum(0), ray_side.sum(0), rtol=1e-4, atol=1e-3)  # same images, any order
+    ray_side = torch.cat([b["image"] for b in build_dataset(prepared, "val", train=False).iter_torch_batches(batch_size=16)])
+    assert image_rows(local) == image_rows(ray_side)  # the same images, in any order
     with pytest.raises(KeyError, match="no split 'holdout'"):
         feed.eval_batches("holdout")
+
+
+def image_rows(images: torch.Tensor) -> list[bytes]:
+    """Each image's bytes, sorted: equal lists mean the same images (the generated images are all distinct)."""
+    return sorted(bytes(row) for row in images.reshape(len(images), -1).numpy())
+
+
+@pytest.mark.parametrize("resample", [False, True], ids=["shuffle", "class_balanced"])
+def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resample):
+    """The same (seed, epoch) gives the Ray Data pipeline and the local feed the same rows in the same order
+    (`sampling.epoch_rows`), on 1 rank; on 2 ranks, the local feed's ranks together give exactly those rows
+    in step order, and Ray Train's two dataset shards together hold the same rows as its one."""
+    from proco_ray.config import load_config
+    from proco_ray.engine.feeds import TrainInput, local_feed
+
+    config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "train.seed=5"])
+    source = TrainInput(resample, "none", 1)
+    context = ray_local.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    try:
+        for epoch in range(2):
+            ds = build_dataset(prepared, "train", train=True, resample=resample, seed=5, first_epoch=epoch)
+            ray_epoch = torch.cat([b["image"] for b in ds.iter_torch_batches(batch_size=8)])
+            one = local_feed(prepared, config, workers=0)
+            local = torch.cat([b["image"] for b in one.train_batches(source, epoch)])
+            assert torch.equal(local, ray_epoch[: len(local)])
+            ranks = [list(local_feed(prepared, config, rank, 2, workers=0).train_batches(source, epoch)) for rank in (0, 1)]
+            interleaved = torch.cat([torch.cat([a["image"], b["image"]]) for a, b in zip(*ranks)])
+            assert torch.equal(interleaved, local)
+            shards = ds.streaming_split(2, equal=False)
+            ray_two: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
+
+            def consume(k: int) -> None:
+                ray_two[k] = torch.cat([b["image"] for b in shards[k].iter_torch_batches(batch_size=8)])
+
+            threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert image_rows(torch.cat(ray_two)) == image_rows(ray_epoch)
+    finally:
+        context.execution_options.preserve_order = False

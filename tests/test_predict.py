@@ -18,7 +18,8 @@ import torch
 from proco_ray.cli import main
 from proco_ray.config import load_config
 from proco_ray.data.prepare import PrepareOptions, prepare, reencode
-from proco_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, eval_view, normalize_batch
+from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_unit
+from proco_ray.data.decode import decode_image
 from proco_ray.engine.checkpoint import save_checkpoint
 from proco_ray.errors import DataError
 from proco_ray.evaluation.evaluate import read_checkpoint, restore_model
@@ -120,13 +121,25 @@ with torch.no_grad():
 """
 
 
-def unit_range_images(paths: list[Path], state: dict) -> np.ndarray:
-    """The exported program's input as model.json describes it: prepare's squash and encoding, the eval view,
-    ToTensor's [0, 1] RGB."""
+def stored_images(paths: list[Path], state: dict) -> torch.Tensor:
+    """Image files as prepare stores them for the checkpoint's data (squash and encoding), decoded: uint8 [B, H, W, 3]."""
     prep = preprocessing_of(state)
-    view = eval_view(prep.image_size)
-    images = [view(decode(reencode(p.read_bytes(), prep.image_size, prep.encoding, prep.quality))) for p in paths]
-    return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images]).transpose(0, 3, 1, 2).copy()
+    return torch.from_numpy(
+        np.stack(
+            [
+                decode_image(
+                    reencode(p.read_bytes(), prep.image_size, prep.encoding, prep.quality), prep.encoding, prep.image_size
+                )
+                for p in paths
+            ]
+        )
+    )
+
+
+def unit_range_images(paths: list[Path], state: dict) -> np.ndarray:
+    """The exported program's input as model.json describes it: prepare's squash and encoding at the training size
+    (where the eval view is the identity), RGB in [0, 1]."""
+    return to_unit(stored_images(paths, state)).numpy()
 
 
 def test_exported_program_predicts_what_the_ray_path_predicts_without_the_package(trained, tmp_path):
@@ -192,13 +205,9 @@ def test_export_on_real_isic_images_equals_the_checkpoint(trained, shared_data, 
     program = torch.export.load(str(tmp_path / "exported" / "model.pt2")).module()
     method, model, _ = restore_model(state, device=torch.device("cpu"))
     unit = unit_range_images(images, state)
-    prep = preprocessing_of(state)
-    view = eval_view(prep.image_size)
-    normalised = normalize_batch(
-        [view(decode(reencode(p.read_bytes(), prep.image_size, prep.encoding, prep.quality))) for p in images]
-    )
+    normalised = eval_view(stored_images(images, state), preprocessing_of(state).image_size)
     with torch.no_grad():
-        expected = method.predict(model, torch.from_numpy(normalised)).softmax(1)
+        expected = method.predict(model, normalised).softmax(1)
         exported = program(torch.from_numpy(unit)).softmax(1)
     assert exported.shape == (len(images), 3)
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-4)

@@ -280,7 +280,7 @@ def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen,
     expected = {r["id"]: -1 if site(r["id"]) == "unknown" else HAM10000_LOCATIONS.index(site(r["id"])) for r in rows}
     assert {r["id"]: r["location"] for r in rows} == expected
 
-    ds = build_dataset(out, "train", image_size=16, train=True, augmentation="supervised", views=1, with_ids=True)
+    ds = build_dataset(out, "train", train=True, with_ids=True)
     for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
         assert [expected[i] for i in batch["id"]] == batch["location"].tolist()
 
@@ -288,7 +288,7 @@ def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen,
     config = load_config(Path(__file__).parent / "tiny.yaml", overrides + [f"data.uri={out}"])
     feed = local_feed(out, config, workers=0)
     batch = next(iter(feed.train_batches(TrainInput(False, "supervised", 1), 0)))
-    assert set(batch) == {"view_q", "label", "location"} and batch["location"].shape == batch["label"].shape
+    assert set(batch) == {"image", "label", "location"} and batch["location"].shape == batch["label"].shape
     metrics = train_worker(config, feed, WorkerEnv(print_progress=False))
     assert metrics["train/location_ce"] > 0 and 0.0 <= metrics["val/macro_f1"] <= 1.0
 

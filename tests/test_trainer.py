@@ -29,7 +29,7 @@ from proco_ray.launch.trainer import (
 )
 from proco_ray.storage.s3 import join, list_files, write_bytes
 
-FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
+FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16)
 TINY = Path(__file__).parent / "tiny.yaml"
 OVERRIDES = ["model.norm=group", "model.batch_norm=shuffle"]
 

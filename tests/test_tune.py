@@ -41,7 +41,7 @@ from proco_ray.experiments.stats import (
     table_rows,
 )
 
-FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16, augment=True)
+FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16)
 TINY_CONFIG = Path(__file__).parent / "tiny.yaml"
 TINY = ["model.norm=group", "train.num_workers=1"]
 

@@ -1,4 +1,4 @@
-"""The training input pipeline: prepared shards -> Ray Data -> decoded, augmented float32 tensors.
+"""The training input pipeline: prepared shards -> Ray Data -> decoded uint8 images for the training device.
 
 `build_dataset` reads a split's shards once, checking each against the
 manifest's sha256, keeps the encoded rows in the Ray object store, and returns
@@ -6,15 +6,17 @@ a lazy `ray.data.Dataset`. Every iteration re-executes its plan, which is what
 makes each epoch fresh:
 
 * train: a permutation of the rows seeded by (seed, epoch): a new order every
-  epoch, the same orders for the same seed; then two independent MoCo v2 views.
+  epoch, the same orders for the same seed.
 * train + resample: each epoch draws as many rows as the split has, a class
   uniformly then an image of it uniformly (draws seeded by (seed, epoch) too).
-* eval: deterministic resize/centre-crop, every row once.
+* eval: every row once, in order.
 
-The shuffle is in the plan, not in the consumer: no `local_shuffle_buffer_size`
-is needed. Decoding and augmentation run in Ray Data's CPU workers
-(`map_batches`), never in the training loop; consumers call
-`iter_torch_batches` on the dataset or on `ray.train.get_dataset_shard(...)`.
+The row orders are `sampling.epoch_rows`, the sampler the local feed uses too. The shuffle is in
+the plan, not in the consumer: no `local_shuffle_buffer_size` is needed. Ray Data's CPU tasks only
+decode (raw-stored images not even that) and deliver uint8 images at their stored size, a quarter of
+the bytes of one float32 view; the training worker makes the views on its device
+(`proco_ray.data.augment`). Consumers call `iter_torch_batches` on the dataset or on
+`ray.train.get_dataset_shard(...)`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from proco_ray.data.decode import decode_batch
 from proco_ray.data.manifest import MANIFEST, Shard, read_manifest
+from proco_ray.data.sampling import epoch_rows
 from proco_ray.data.sources import listing
-from proco_ray.data.transforms import eval_batch, train_batch
 from proco_ray.errors import DataError
 from proco_ray.storage.s3 import join, resolve, storage_errors
 
@@ -86,8 +89,8 @@ def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.T
 
 
 def num_blocks(rows: int, image_size: int) -> int:
-    """Blocks of about BLOCK_BYTES of decoded views: all CPUs busy, a quick first batch, bounded memory."""
-    rows_per_block = max(16, min(512, BLOCK_BYTES // (2 * 3 * 4 * image_size * image_size)))
+    """Blocks of about BLOCK_BYTES of decoded images: all CPUs busy, a quick first batch, bounded memory."""
+    rows_per_block = max(16, min(512, BLOCK_BYTES // (3 * image_size * image_size)))
     return max(MIN_BLOCKS, math.ceil(rows / rows_per_block))
 
 
@@ -114,14 +117,8 @@ class RowOrder:
         """Stored row indices for these positions of the epoch."""
         if self.mode == "sequential":
             return positions
-        key = self.epoch_key(data_context)
-        if self.mode == "shuffle":
-            return np.random.default_rng(key).permutation(self.rows)[positions]
-        members = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
-        present = np.array([c for c in range(self.num_classes) if len(members[c])])
-        rng = np.random.default_rng([*key, int(positions[0]) if len(positions) else 0])
-        classes = rng.choice(present, size=len(positions))
-        return np.array([members[c][rng.integers(len(members[c]))] for c in classes], dtype=np.int64)
+        seed, epoch = self.epoch_key(data_context)
+        return epoch_rows(labels, seed, epoch, class_balanced=self.mode == "balanced")[positions]
 
 
 def select_rows(batch: dict[str, np.ndarray], refs: Sequence[Any], order: RowOrder, data_context: Any) -> pa.Table:
@@ -140,6 +137,8 @@ class StoredSplit:
     refs: list[Any]
     rows: int
     num_classes: int
+    encoding: str
+    image_size: int
 
 
 def store_split(uri: str, split: str) -> StoredSplit:
@@ -151,36 +150,31 @@ def store_split(uri: str, split: str) -> StoredSplit:
     tables = load_split(uri, manifest.shards_of(split), manifest.num_classes)
     if sum(t.num_rows for t in tables) != rows:
         raise DataError(f"{uri}: the {split} shards hold {sum(t.num_rows for t in tables)} rows, the manifest says {rows}")
-    return StoredSplit([ray.put(table) for table in tables], rows, manifest.num_classes)
+    return StoredSplit([ray.put(table) for table in tables], rows, manifest.num_classes, manifest.encoding, manifest.image_size)
 
 
 def build_dataset(
     uri: str,
     split: str,
     *,
-    image_size: int,
     train: bool,
     resample: bool = False,
     seed: int = 0,
-    augmentation: str = "moco_v2",
-    views: int = 2,
     with_ids: bool = False,
     first_epoch: int = 0,
     stored: StoredSplit | None = None,
 ) -> ray.data.Dataset:  # noqa: F821
-    """A lazy Ray Dataset of one split.
-
-    train=True: columns view_q (and view_k for views=2: an independent draw), float32 [3,H,W], augmented
-    by `augmentation` ('moco_v2', 'supervised' or 'none', the eval view), and label (int64);
-    train=False: image (float32 [3,H,W]) and label. with_ids adds the string column id (for iter_batches;
-    iter_torch_batches cannot convert strings).
+    """A lazy Ray Dataset of one split: image (uint8 [H, W, 3] at the stored size), label (int64), and location
+    where the shards have it. with_ids adds the string column id (for iter_batches; iter_torch_batches
+    cannot convert strings).
 
     The split's encoded rows are read once, checked against the manifest's sha256 and put in the Ray
     object store (a few MB to a few hundred MB for these datasets; Ray spills to disk beyond memory).
-    Each epoch then streams positions 0..rows-1 through one fused map that picks the rows (a permutation
-    seeded by (seed, epoch), or class-balanced draws), decodes and augments them. There is no all-to-all
-    shuffle, so the first batch of every epoch comes as soon as one block is decoded. Its first execution is
-    epoch `first_epoch` (the epochs a resumed run has done). `stored`: the split already in the object store.
+    Each epoch then streams positions 0..rows-1 through one fused map that picks the rows (train: a
+    permutation seeded by (seed, epoch), or class-balanced draws; eval: in order) and decodes them. There
+    is no all-to-all shuffle, so the first batch of every epoch comes as soon as one block is decoded. Its
+    first execution is epoch `first_epoch` (the epochs a resumed run has done). `stored`: the split already
+    in the object store.
     """
     import ray
     from ray.data import RandomSeedConfig
@@ -189,12 +183,10 @@ def build_dataset(
     mode = "sequential" if not train else "balanced" if resample else "shuffle"
     seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True) if train else None
     order = RowOrder(mode, stored.rows, stored.num_classes, seed_config, first_epoch)
-    positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, image_size)).materialize()
+    positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, stored.image_size)).materialize()
     ds = positions.map_batches(select_rows, batch_size=None, fn_args=(stored.refs, order, positions.context))
-    if not train:
-        return ds.map_batches(eval_batch, batch_size=BATCH_ROWS, fn_kwargs=dict(size=image_size, with_ids=with_ids))
     return ds.map_batches(
-        train_batch,
+        decode_batch,
         batch_size=BATCH_ROWS,
-        fn_kwargs=dict(size=image_size, augmentation=augmentation, views=views, with_ids=with_ids),
+        fn_kwargs=dict(encoding=stored.encoding, size=stored.image_size, with_ids=with_ids),
     )

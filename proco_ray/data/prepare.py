@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import proco_ray
+from proco_ray.data.decode import RAW
 from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest, Shard, write_manifest
 from proco_ray.data.sources import KINDS, Source, listing, read_source
 from proco_ray.data.splits import MODES, make_split, split_counts
@@ -34,7 +35,7 @@ from proco_ray.errors import DataError
 from proco_ray.storage.s3 import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
 
 MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
-ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
+ENCODINGS = {"jpeg": "JPEG", "png": "PNG", RAW: None}  # raw: the uint8 pixels, nothing to decode when training
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,13 @@ class PrepareOptions:
 
 
 def encode_image(image: Any, size: int, encoding: str, quality: int) -> bytes:
-    """A PIL image -> RGB, squashed to size x size (the aspect is not kept), encoded as JPEG or PNG."""
+    """A PIL image -> RGB, squashed to size x size (the aspect is not kept), encoded as JPEG or PNG, or its
+    raw uint8 pixels (size x size x 3 bytes)."""
     from PIL import Image
 
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    if encoding == RAW:
+        return np.asarray(image, dtype=np.uint8).tobytes()
     out = io.BytesIO()
     image.save(out, format=ENCODINGS[encoding], **({"quality": quality} if encoding == "jpeg" else {}))
     return out.getvalue()
@@ -375,7 +379,13 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> N
     parser.add_argument(
         "--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)"
     )
-    parser.add_argument("--encoding", choices=list(ENCODINGS), default=defaults.encoding)
+    parser.add_argument(
+        "--encoding",
+        choices=list(ENCODINGS),
+        default=defaults.encoding,
+        help="how images are stored: jpeg (default), png, or raw uint8 pixels (nothing to decode; 3 bytes a pixel, "
+        "for small sizes)",
+    )
     parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (default: %(default)s)")
     parser.add_argument(
         "--split",

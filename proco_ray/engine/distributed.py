@@ -1,4 +1,11 @@
-"""Collective helpers that fall back to the identity in a single process."""
+"""Every collective of the training loop and the methods, each the identity in a single process.
+
+GPU workers get a process group with a backend per device, `cpu:gloo,cuda:nccl` (`process_group_backend`):
+NCCL carries CUDA tensors and has no CPU support, so a CPU tensor reduced under a plain NCCL group fails;
+under this group each collective runs on the backend of its tensor's device, whichever that is. The
+helpers below keep the tensors where the training step has them (on its device), so the step's state is
+never copied to the host to be reduced.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,34 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def process_group_backend(use_gpu: bool, requested: str = "auto") -> str:
+    """The torch.distributed backend for the workers: 'auto' gives gloo on CPU workers and `cpu:gloo,cuda:nccl`
+    on GPU workers (CPU tensors over gloo, CUDA tensors over NCCL); anything else is taken as given (e.g. gloo
+    for workers that share one GPU, where NCCL refuses two ranks on a device)."""
+    if requested != "auto":
+        return requested
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` over ranks in place (on its own device) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:
+    """Scalars of this rank (0-d tensors on the training device) -> their means over ranks, read once."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    packed = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    all_reduce_sum(packed)
+    return {k: float(v) / world_size() for k, v in zip(keys, packed.tolist())}
 
 
 @torch.no_grad()

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from proco_ray.config import Config, ConfigError
+from proco_ray.data.augment import eval_view, make_views, view_generator
 from proco_ray.engine import distributed
 from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint, staging_directory
-from proco_ray.engine.feeds import Batch, DataFeed
+from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
 from proco_ray.method.registry import Method, ProCo, Stage, build_method, train_input, unwrap
 from proco_ray.metrics import metrics_from_confusion
 
@@ -72,6 +72,12 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(1)[0])
 
 
+def view_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's views: the same on every rank (they draw for the global batch), a stream of its
+    own (numpy's spawn key), apart from the epoch_seed streams of the method and the global generators."""
+    return int(np.random.SeedSequence([seed, epoch + 1], spawn_key=(1,)).generate_state(1)[0])
+
+
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on CUDA when asked for; a no-op on CPU."""
     if enabled and device.type == "cuda":
@@ -83,13 +89,27 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not distributed.is_distributed() or not values:
-        return values
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(packed)
-    return {k: float(v) / distributed.world_size() for k, v in zip(keys, packed)}
+ViewMaker = Callable[[Batch], Batch]
+
+
+def view_maker(source: TrainInput, image_size: int, generator: torch.Generator) -> ViewMaker:
+    """uint8 images on the device -> the stage's views (view_q, and view_k for two views), made on that device
+    with parameters for the global batch drawn from `generator` (seeded alike on every rank)."""
+
+    def make(batch: Batch) -> Batch:
+        batch = dict(batch)
+        views = make_views(
+            batch.pop("image"),
+            source.augmentation,
+            image_size,
+            source.views,
+            generator,
+            distributed.rank(),
+            distributed.world_size(),
+        )
+        return {**batch, **dict(zip(("view_q", "view_k"), views))}
+
+    return make
 
 
 def train_one_epoch(
@@ -101,11 +121,13 @@ def train_one_epoch(
     stage: Stage,
     epoch: int,
     device: torch.device,
+    make_views: ViewMaker,
     amp: bool = False,
     max_steps: int | None = None,
     progress_every: int = 0,
 ) -> dict[str, float]:
-    """One pass over this rank's batches; returns the epoch means of the method's logs (over ranks).
+    """One pass over this rank's batches of uint8 images, whose views `make_views` makes on the device;
+    returns the epoch means of the method's logs (over ranks).
 
     The step never waits for the device: losses and logs are summed on the device and read once at
     the end of the epoch, and a non-finite loss is recorded there (first bad step) and raised then.
@@ -123,7 +145,7 @@ def train_one_epoch(
         data_wait += time.perf_counter() - waited
         if batch is None:
             break
-        batch = _to_device(batch, device)
+        batch = make_views(_to_device(batch, device))
         with autocast_for(device, amp):
             out = method.training_loss(model, batch, epoch, stage)
         optimizer.zero_grad(set_to_none=True)
@@ -144,8 +166,7 @@ def train_one_epoch(
     if steps == 0:
         raise RuntimeError(f"epoch {epoch} produced no training batch: the training split is smaller than one batch")
     elapsed = time.perf_counter() - start
-    logs = {f"train/{k}": float(v) / steps for k, v in totals.items()}
-    logs = _mean_over_ranks(logs)
+    logs = distributed.mean_over_ranks({f"train/{k}": v / steps for k, v in totals.items()})
     logs["train/lr"] = optimizer.param_groups[0]["lr"]
     logs["train/images_per_s"] = images * distributed.world_size() / elapsed
     logs["train/data_wait_share"] = data_wait / elapsed
@@ -166,20 +187,21 @@ def evaluate(
     batches: Iterable[Batch],
     device: torch.device,
     class_names: list[str],
+    image_size: int,
     amp: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of this rank's share of a split, combined over ranks by summing confusion matrices."""
+    """Metrics of this rank's share of a split (uint8 images, given the evaluation view on the device),
+    combined over ranks by summing confusion matrices."""
     model.eval()
     num_classes = len(class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for batch in batches:
         batch = _to_device(batch, device)
         with autocast_for(device, amp):
-            logits = method.predict(model, batch["image"])
+            logits = method.predict(model, eval_view(batch["image"], image_size))
         index = batch["label"] * num_classes + logits.argmax(dim=1)
         confusion += torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
-    if distributed.is_distributed():
-        dist.all_reduce(confusion)
+    distributed.all_reduce_sum(confusion)
     if int(confusion.sum()) == 0:
         raise RuntimeError("evaluation saw no image: the split is empty")
     return metrics_from_confusion(confusion.cpu().numpy(), class_names)
@@ -326,25 +348,34 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
             if state and state.get("stage") == stage.name and start_epoch > offset:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
+            source = train_input(stage, config.data.augmentation)
             for epoch in range(max(start_epoch, offset), end):
                 seed_everything(epoch_seed(config.train.seed, epoch, rank))
                 method.reseed(epoch_seed(config.train.seed, epoch), device)
+                views = view_generator(device, view_seed(config.train.seed, epoch))
                 train_logs = train_one_epoch(
                     model,
                     method,
                     optimizer,
                     scheduler,
-                    feed.train_batches(train_input(stage, config.data.augmentation), epoch),
+                    feed.train_batches(source, epoch),
                     stage,
                     epoch,
                     device,
+                    view_maker(source, config.data.image_size, views),
                     amp=config.optim.amp,
                     max_steps=steps_per_epoch,
                     progress_every=config.train.log_every_steps if env.print_progress and rank == 0 else 0,
                 )
                 global_step += int(train_logs["train/steps"])
                 val = evaluate(
-                    model, method, feed.eval_batches(config.data.val_split), device, feed.class_names, config.optim.amp
+                    model,
+                    method,
+                    feed.eval_batches(config.data.val_split),
+                    device,
+                    feed.class_names,
+                    config.data.image_size,
+                    config.optim.amp,
                 )
                 metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
                 has_test = config.data.test_split in feed.eval_splits
@@ -353,14 +384,26 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}
                     if has_test:
                         test = evaluate(
-                            model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
+                            model,
+                            method,
+                            feed.eval_batches(config.data.test_split),
+                            device,
+                            feed.class_names,
+                            config.data.image_size,
+                            config.optim.amp,
                         )
                         best.update(flat_metrics("test", test))
                 metrics.update(best)
                 if has_test and epoch + 1 == total_epochs:
                     if test is None:
                         test = evaluate(
-                            model, method, feed.eval_batches(config.data.test_split), device, feed.class_names, config.optim.amp
+                            model,
+                            method,
+                            feed.eval_batches(config.data.test_split),
+                            device,
+                            feed.class_names,
+                            config.data.image_size,
+                            config.optim.amp,
                         )
                     metrics.update(flat_metrics(LAST_TEST, test))
                 metrics[CHECKPOINT_SCORE] = selection_score(metrics[SELECTION_METRIC], epoch + 1)

@@ -14,6 +14,7 @@ import torch
 
 from proco_ray.config import config_from_dict
 from proco_ray.data.manifest import read_manifest
+from proco_ray.data.augment import eval_view
 from proco_ray.data.pipeline import build_dataset
 from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
@@ -75,13 +76,13 @@ def saved_temperature(checkpoint_uri: str) -> float | None:
 
 @torch.no_grad()
 def split_logits(
-    model: torch.nn.Module, method: Any, dataset: Any, device: torch.device, batch_size: int
+    model: torch.nn.Module, method: Any, dataset: Any, device: torch.device, batch_size: int, image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The method's test-time logits and the labels of every image of a split, in one process."""
+    """The method's test-time logits (of the evaluation view) and the labels of every image of a split."""
     model.eval()
     logits, labels = [], []
-    for batch in dataset.iter_torch_batches(batch_size=batch_size):
-        logits.append(method.predict(model, batch["image"].to(device)).float().cpu())
+    for batch in dataset.iter_torch_batches(batch_size=batch_size, device=device):
+        logits.append(method.predict(model, eval_view(batch["image"], image_size)).float().cpu())
         labels.append(batch["label"].cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
@@ -122,8 +123,8 @@ def evaluate_checkpoint(
     image_size = int(state["config"]["data"]["image_size"])
 
     def logits_of(name: str) -> tuple[np.ndarray, np.ndarray]:
-        dataset = build_dataset(data_uri, name, image_size=image_size, train=False)
-        return split_logits(model, method, dataset, device, batch_size)
+        dataset = build_dataset(data_uri, name, train=False)
+        return split_logits(model, method, dataset, device, batch_size, image_size)
 
     logits, labels = logits_of(split)
     metrics = metrics_from_confusion(confusion_matrix(labels, logits.argmax(axis=1), manifest.num_classes), manifest.classes)

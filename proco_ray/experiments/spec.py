@@ -410,7 +410,7 @@ def max_concurrent_trials(cluster: Mapping[str, float], need: Mapping[str, float
         have = ", ".join(f"{r}={cluster.get(r, 0):g}" for r in need)
         wants = ", ".join(f"{r}={a:g}" for r, a in need.items())
         raise ConfigError(
-            f"one trial needs {wants} (train.num_workers x train.cpus_per_worker [+1 GPU each], {DATA_CPUS} CPU for "
+            f"one trial needs {wants} (train.num_workers x train.cpus_per_worker [+ train.gpus_per_worker GPUs each], {DATA_CPUS} CPU for "
             f"Ray Data when it streams the data, {DRIVER_CPUS:g} CPU for the Tune trial driver), the Ray cluster has {have} "
             "(set train.wait_for_autoscaler=true on an autoscaling cluster)"
         )

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from proco_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"

@@ -3,7 +3,7 @@
 Read and decode in CPU tasks, the model in a pool of actors that load the checkpoint once (a GPU each
 when the cluster has GPUs), the small results gathered and written as Parquet (and CSV on request).
 Images get exactly the preprocessing of the checkpoint's training data: prepare's squash to
-image_size x image_size and its encoding, then the evaluation view. Unreadable images are listed in
+image_size x image_size and its encoding, then, on the model's device, the evaluation view. Unreadable images are listed in
 unreadable.csv with the reason and do not stop the run.
 """
 
@@ -23,10 +23,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from proco_ray.data.augment import eval_view
+from proco_ray.data.decode import decode_image
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
-from proco_ray.data.transforms import decode, eval_view, normalize_batch
 from proco_ray.errors import DataError
 from proco_ray.storage.s3 import claim_output, join, list_files, resolve, storage_errors, write_bytes
 
@@ -56,32 +57,36 @@ def preprocessing_of(state: dict[str, Any]) -> Preprocessing:
 
 
 def preprocess_batch(
-    batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem | None, prep: Preprocessing, prepared: bool
+    batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem | None, prep: Preprocessing, stored_encoding: str | None
 ) -> dict[str, np.ndarray]:
-    """Paths (or a prepared split's encoded images) -> image float32 [B,3,H,W], path and error text.
+    """Paths (or, with `stored_encoding`, a prepared split's stored images) -> image uint8 [B, H, W, 3] at the
+    training size, path and error text.
 
     A file that cannot be decoded gets zeros and its error; a file that cannot be read fails the task
     (storage trouble is not a bad image).
     """
-    view = eval_view(prep.image_size)
+    size = prep.image_size
+    encoding = prep.encoding or "png"
     images, errors = [], []
     for i, path in enumerate(batch["path"]):
-        if prepared:
+        if stored_encoding is not None:
             data = batch["data"][i]
         else:
             with filesystem.open_input_stream(path) as stream:
                 data = stream.read()
         try:
-            stored = data if prepared else reencode(data, prep.image_size, prep.encoding or "png", prep.quality)
-            images.append(view(decode(stored)))
+            if stored_encoding is not None:
+                images.append(decode_image(data, stored_encoding, size))
+            else:
+                images.append(decode_image(reencode(data, size, encoding, prep.quality), encoding, size))
             errors.append("")
         except Exception as error:  # any failure to decode the bytes read means a bad image
             images.append(None)
             errors.append(f"{type(error).__name__}: {error}")
-    pixels = np.zeros((len(images), 3, prep.image_size, prep.image_size), dtype=np.float32)
-    readable = [i for i, image in enumerate(images) if image is not None]
-    if readable:
-        pixels[readable] = normalize_batch([images[i] for i in readable])
+    pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        if image is not None:
+            pixels[i] = image
     return {"path": np.asarray(batch["path"], dtype=object), "image": pixels, "error": np.asarray(errors, dtype=object)}
 
 
@@ -98,6 +103,7 @@ class Predictor:
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
         self.class_names = list(state["class_names"])
+        self.image_size = int(state["config"]["data"]["image_size"])
         self.method, self.model, self.device = restore_model(state)
         self.tta = tta
         self.temperature = temperature
@@ -114,7 +120,7 @@ class Predictor:
         probs = np.full((len(readable), len(self.class_names)), np.nan, dtype=np.float32)
         if readable.any():
             images = torch.from_numpy(np.ascontiguousarray(batch["image"][readable])).to(self.device)
-            probs[readable] = self.probabilities(images).cpu().numpy()
+            probs[readable] = self.probabilities(eval_view(images, self.image_size)).cpu().numpy()
         predicted = np.asarray(
             [self.class_names[int(k)] if ok else "" for k, ok in zip(np.nan_to_num(probs).argmax(1), readable)], dtype=object
         )
@@ -183,8 +189,10 @@ def predict(
         tables = load_split(input_uri, manifest.shards_of(split), manifest.num_classes)
         rows = pa.concat_tables(tables).select(["id", "image"]).rename_columns(["path", "data"])
         source, fs, count = ray.data.from_arrow(rows), None, rows.num_rows
+        stored_encoding = manifest.encoding
     else:
         fs, paths = list_images(input_uri)
+        stored_encoding = None
         source, count = (
             ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / 256))),
             len(paths),
@@ -194,7 +202,7 @@ def predict(
     pool = actors or (int(gpus) if gpus else 1)
     results = (
         source.map_batches(
-            preprocess_batch, batch_size=batch_size, fn_kwargs=dict(filesystem=fs, prep=prep, prepared=split is not None)
+            preprocess_batch, batch_size=batch_size, fn_kwargs=dict(filesystem=fs, prep=prep, stored_encoding=stored_encoding)
         )
         .map_batches(
             Predictor,

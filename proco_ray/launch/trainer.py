@@ -1,4 +1,4 @@
-"""Ray Train adapter: runs `train_loop.train_worker` in TorchTrainer workers fed by Ray Data.
+"""Ray Train adapter: runs `engine.loop.train_worker` in TorchTrainer workers fed by Ray Data.
 
 Everything here is glue: where batches come from (dataset shards), how the model
 is wrapped (`prepare_model`), where metrics and checkpoints go (`ray.train.report`)
@@ -23,18 +23,19 @@ import ray
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.data.manifest import Manifest, check_manifest, read_manifest
 from proco_ray.data.pipeline import StoredSplit, build_dataset, store_split
+from proco_ray.engine.distributed import process_group_backend
 from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
 from proco_ray.engine.loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
 from proco_ray.method.registry import METHODS, train_input
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
-TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
+TRAIN_PREFIX = "train_"  # training datasets are named by TrainInput.dataset: train_shuffled, train_resampled
 CHECKPOINT_METRIC = CHECKPOINT_SCORE
 
 
@@ -47,7 +48,7 @@ def check_resources(config: Config, streams_data: bool = True) -> None:
     if any(amount > available.get(resource, 0) for resource, amount in need.items()):
         raise ConfigError(
             f"train.num_workers={config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker}"
-            f"{' (+1 GPU each, train.use_gpu=true)' if config.train.use_gpu else ''}"
+            f"{f' (+{config.train.gpus_per_worker:g} GPU each, train.use_gpu=true)' if config.train.use_gpu else ''}"
             f"{f' + {DATA_CPUS} CPU for Ray Data' if streams_data else ''} needs "
             + ", ".join(f"{r}={a:g}" for r, a in need.items())
             + ", the Ray cluster has "
@@ -56,8 +57,21 @@ def check_resources(config: Config, streams_data: bool = True) -> None:
         )
 
 
+def check_gpu_sharing(config: Config) -> None:
+    """Workers that share a GPU need a backend that allows it: NCCL refuses two ranks on one device."""
+    train = config.train
+    if train.gpus_per_worker <= 0:
+        raise ConfigError(f"train.gpus_per_worker must be positive, got {train.gpus_per_worker:g}")
+    backend = process_group_backend(train.use_gpu, train.dist_backend)
+    if train.use_gpu and train.gpus_per_worker < 1 and train.num_workers > 1 and "nccl" in backend:
+        raise ConfigError(
+            f"train.gpus_per_worker={train.gpus_per_worker:g} puts several workers on one GPU, where NCCL "
+            f"(train.dist_backend={train.dist_backend} -> {backend}) refuses to run: set train.dist_backend=gloo"
+        )
+
+
 def train_inputs(config: Config) -> list[TrainInput]:
-    """The distinct training inputs of the run's stages (one Ray Dataset each)."""
+    """The distinct training inputs of the run's stages (a Ray Dataset per sampling, `TrainInput.dataset`)."""
     stages = METHODS[config.method.name].stages_for(config.method, config.optim.epochs)
     return list(dict.fromkeys(train_input(stage, config.data.augmentation) for stage in stages))
 
@@ -129,9 +143,6 @@ def train_dataset_factory(
                 data.train_split,
                 train=True,
                 resample=source.resample,
-                augmentation=source.augmentation,
-                views=source.views,
-                image_size=data.image_size,
                 seed=config.train.seed,
                 first_epoch=resumed_epoch(run_path, filesystem),
                 stored=stored,
@@ -152,19 +163,19 @@ def quiet_dataset(dataset: ray.data.Dataset) -> ray.data.Dataset:
 def build_datasets(config: Config, manifest: Manifest, run_path: str, filesystem: pafs.FileSystem | None) -> dict[str, Any]:
     """Training dataset factories (see train_dataset_factory) and the evaluation datasets."""
     data = config.data
-    common = dict(image_size=data.image_size, seed=config.train.seed)
     stored = store_split(data.uri, data.train_split)
     datasets: dict[str, Any] = {
-        source.key: train_dataset_factory(config, source, stored, run_path, filesystem) for source in train_inputs(config)
+        source.dataset: train_dataset_factory(config, source, stored, run_path, filesystem) for source in train_inputs(config)
     }
-    datasets[data.val_split] = quiet_dataset(build_dataset(data.uri, data.val_split, train=False, **common))
+    datasets[data.val_split] = quiet_dataset(build_dataset(data.uri, data.val_split, train=False))
     if data.test_split in manifest.splits:
-        datasets[data.test_split] = quiet_dataset(build_dataset(data.uri, data.test_split, train=False, **common))
+        datasets[data.test_split] = quiet_dataset(build_dataset(data.uri, data.test_split, train=False))
     return datasets
 
 
 def shard_feed(config: Config, context: dict[str, Any]) -> DataFeed:
-    """This worker's DataFeed over its Ray Data shards.
+    """This worker's DataFeed over its Ray Data shards: uint8 batches copied to the worker's device from
+    pinned memory, `data.prefetch_batches` ahead of the step, so that the copy overlaps it.
 
     Training shards are split equally across workers, so every rank runs the same
     number of steps; evaluation splits are not split, rank 0 evaluates all of
@@ -175,16 +186,18 @@ def shard_feed(config: Config, context: dict[str, Any]) -> DataFeed:
     local_batch = config.data.batch_size // world
     train_rows = context["train_rows"]
     steps = (train_rows // world) // local_batch
+    device = ray.train.torch.get_device()
+    transfer = dict(device=device, pin_memory=device.type == "cuda", prefetch_batches=config.data.prefetch_batches)
 
     def train_batches(source: TrainInput, epoch: int) -> Iterator[Batch]:
-        shard = ray.train.get_dataset_shard(source.key)
-        yield from shard.iter_torch_batches(batch_size=local_batch, drop_last=True)
+        shard = ray.train.get_dataset_shard(source.dataset)
+        yield from shard.iter_torch_batches(batch_size=local_batch, drop_last=True, **transfer)
 
     def eval_batches(split: str) -> Iterator[Batch]:
         if rank != 0:
             return iter(())
         shard = ray.train.get_dataset_shard(split)
-        return shard.iter_torch_batches(batch_size=config.data.eval_batch_size)
+        return shard.iter_torch_batches(batch_size=config.data.eval_batch_size, **transfer)
 
     return DataFeed(context["classes"], context["class_counts"], steps, train_batches, eval_batches, set(context["eval_splits"]))
 
@@ -276,6 +289,7 @@ def build_trainer(
     each worker (generated data in tests). `callbacks` go to the run's RunConfig
     (`TuneReportCallback()` when the trainer runs inside a Ray Tune trial).
     """
+    check_gpu_sharing(config)
     run_uri = join(config.train.storage_path, config.train.name)
     loop_config: dict[str, Any] = {"config": config.to_dict(), "run_uri": run_uri}
     storage_path, storage_filesystem = run_storage(config.train.storage_path)
@@ -296,10 +310,14 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=process_group_backend(config.train.use_gpu, config.train.dist_backend)),
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,
-            resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": config.train.cpus_per_worker,
+                **({"GPU": config.train.gpus_per_worker} if config.train.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines; Train's INFO repeats each report

@@ -2,7 +2,7 @@
 
 Train V2 inside Tune: each trial (`launch.tune_trial.ProCoTrial`) runs one TorchTrainer and
 ASHA decides which trials continue. The trial actor holds 1 CPU and only drives its trainer (the Train controller
-takes none); the workers hold train.num_workers x train.cpus_per_worker (+1 GPU each).
+takes none); the workers hold train.num_workers x train.cpus_per_worker (+ train.gpus_per_worker GPUs each).
 
 Layout of `<storage>/<name>/`:
     experiment.json            the definition, to refuse resuming with a different one

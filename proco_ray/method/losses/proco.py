@@ -6,10 +6,10 @@ Every function is vectorised over the batch and the bank; none loops over sample
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proco_ray.engine.distributed import all_reduce_sum
 from proco_ray.method.losses.checks import check_labels
 
 
@@ -318,8 +318,7 @@ class PrototypeRecalibration(nn.Module):
         stats = torch.zeros(2, self.num_classes, device=self.weights.device)
         stats[0].index_add_(0, labels.to(stats.device), own.to(stats.device))
         stats[1].index_add_(0, labels.to(stats.device), torch.ones_like(own, device=stats.device))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        all_reduce_sum(stats)
         sums, counts = stats
         present = counts > 0
         omega = sums / counts.clamp(min=1)
