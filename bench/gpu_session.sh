@@ -1,42 +1,42 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, as one command (docs/results.md 1 and 4.5): the step benchmark on CUDA, then
-# the comparison sweeps at configs/gpu-64px.yaml's scale (ISIC 2018 at 64 px, RetinaMNIST at 28 px, 15 epochs)
-# and the ablation, with trial histories archived to OUT as they come, all within BUDGET seconds.
-#   bench/gpu_session.sh ISIC_PREPARED RETINA_PREPARED OUT [BUDGET_S]
-# Needs torch, torchvision, pyarrow, pyyaml, pillow, numpy and matplotlib; not Ray.
+# Everything to measure when a GPU machine is lent, as one command of at most 9 minutes (docs/results.md, "On a GPU"):
+#   bench/gpu_session.sh OUT [BUDGET_S]
+# 1. the training step alone (bench/bench_step.py): resnet18 at 64 px and resnet50 at 224 px, batch 128, bfloat16;
+# 2. the views made on the device (bench/bench_ingest.py's view-making rate) at 64 and 224 px;
+# 3. the Ray path (bench/gpu_session.py): Ray Train on the GPU at 64 and 224 px, 2 workers sharing it over gloo,
+#    and a proco-ray tune of 4 quarter-GPU trials, on generated images prepared there.
+# A machine without Ray gets it from .gpu-carry (bench/pack_gpu_carry.sh), unpacked onto PYTHONPATH.
+# DEVICE=cpu dry-runs every step on the CPU at toy sizes.
 set -uo pipefail
-isic=$1 retina=$2 out=$3 budget=${4:-540}
-python=${PYTHON:-python3} device=${DEVICE:-cuda} parallel=${PARALLEL:-8}
+out=$1 budget=${2:-520}
+python=${PYTHON:-python3} device=${DEVICE:-cuda} carry=${CARRY:-.gpu-carry}
+deadline=$(($(date +%s) + budget))
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-runs=$(mktemp -d)
 mkdir -p "$out"
+if ! "$python" -c "import ray" 2>/dev/null; then
+  [ -f "$carry/ray.tar.xz" ] || { echo "no Ray here and no $carry/ray.tar.xz (bench/pack_gpu_carry.sh)" >&2; exit 2; }
+  site=$(mktemp -d)
+  tar -xJf "$carry/ray.tar.xz" -C "$site"
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/*.whl
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
+left() { echo $((deadline - $(date +%s))); }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   nproc
-  "$python" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+  "$python" -c "import sys, torch, torchvision, ray; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
 } > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
 
-for args in "--arch resnet18 --image-size 64 --batch-sizes 64 --queue-sizes 1024 4096" \
-            "--arch resnet50 --image-size 224 --batch-sizes 64 128 --queue-sizes 4096"; do
+if [ "$device" = cuda ]; then steps=("--arch resnet18 --image-size 64" "--arch resnet50 --image-size 224"); else steps=("--arch resnet18 --image-size 16"); fi
+for args in "${steps[@]}"; do
   # shellcheck disable=SC2086
-  timeout 60 "$python" bench/bench_step.py --device "$device" $args --skip-sync >> "$out/bench_step.md" 2>&1
+  timeout "$(( $(left) > 90 ? 90 : $(left) ))" "$python" bench/bench_step.py --device "$device" $args --batch-sizes 128 \
+    --queue-sizes 4096 --bank-sizes 4096 --steps 10 --skip-sync 2>&1 | tee -a "$out/bench_step.md"
 done
 
-archive() { tar czf "$out/sweeps.tar.gz.part" -C "$runs" . && mv "$out/sweeps.tar.gz.part" "$out/sweeps.tar.gz"; }
-(while sleep 20; do archive; done) &
-archiver=$!
+timeout 60 "$python" -c "import json, sys; sys.path.insert(0, 'bench'); from bench_ingest import augment_rate
+print(json.dumps({size: augment_rate(size, sys.argv[1], seconds=2.0) for size in (64, 224)}))" "$device" 2>&1 | tee "$out/augment.json"
 
-sweep() {  # the rest of the budget for one local sweep; its trial processes end with it
-  local left=$((budget - SECONDS))
-  if ((left < 10)); then echo "no time left for: $*" >> "$out/sweeps.log"; return; fi
-  echo "== $* ($left s left)" >> "$out/sweeps.log"
-  timeout --kill-after=5 "$left" "$python" -m proco_ray local-sweep --device "$device" --parallel "$parallel" \
-    --threads 1 --workers 1 --config gpu-64px "$@" >> "$out/sweeps.log" 2>&1
-  pkill -f "multiprocessing.spawn" || true
-}
-sweep --experiment compare --data "$isic" --out "$runs/compare-isic64" data.num_classes=7
-sweep --experiment compare --data "$retina" --out "$runs/compare-retina28" data.num_classes=5 data.image_size=28
-sweep --experiment ablation --only proto_loss_only,plus_proto_instances,plus_recalibration,loss_ce,loss_infonce \
-  --data "$isic" --out "$runs/ablation-isic64" data.num_classes=7
-kill "$archiver"
-archive
+timeout --kill-after=10 "$(left)" "$python" bench/gpu_session.py --out "$out" --device "$device" --deadline "$deadline" 2>&1 \
+  | tee "$out/ray_runs.log" | grep -v "^\s*$" | tail -40

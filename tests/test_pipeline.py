@@ -254,3 +254,25 @@ def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resampl
             assert image_rows(torch.cat(ray_two)) == image_rows(ray_epoch)
     finally:
         context.execution_options.preserve_order = False
+
+
+def test_raw_shards_hold_the_pixels_png_shards_encode_and_the_manifest_says_so(tmp_path, datagen, ray_local):
+    """prepare --encoding raw stores each image's uint8 pixels (nothing to decode when training): the same
+    images as lossless PNG shards deliver, in both feeds."""
+    from proco_ray.config import load_config
+    from proco_ray.engine.feeds import local_feed
+
+    source = datagen.imagefolder(tmp_path / "folder", {"a": 20, "b": 12})
+    for encoding in ("png", "raw"):
+        prepare(str(source), str(tmp_path / encoding), PrepareOptions(image_size=SIZE, encoding=encoding))
+    assert read_manifest(str(tmp_path / "raw")).encoding == "raw"
+    delivered = {
+        encoding: torch.cat(
+            [b["image"] for b in build_dataset(str(tmp_path / encoding), "val", train=False).iter_torch_batches()]
+        )
+        for encoding in ("png", "raw")
+    }
+    assert delivered["raw"].dtype == torch.uint8 and image_rows(delivered["raw"]) == image_rows(delivered["png"])
+    config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=4"])
+    local = torch.cat([b["image"] for b in local_feed(str(tmp_path / "raw"), config, workers=0).eval_batches("val")])
+    assert image_rows(local) == image_rows(delivered["png"])

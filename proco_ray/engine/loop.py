@@ -433,7 +433,6 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     "stage": stage.name,
                     "epoch": epoch + 1,
                     "global_step": global_step,
-                    "rng": {"seed": config.train.seed, "torch": torch.get_rng_state(), "numpy": np.random.get_state()},
                     "metrics": metrics,
                     "best": best,
                 }
