@@ -17,9 +17,9 @@ import torch
 
 from proco_ray.cli import main
 from proco_ray.config import load_config
-from proco_ray.data.prepare import PrepareOptions, prepare, reencode
 from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_unit
 from proco_ray.data.decode import decode_image
+from proco_ray.data.prepare import PrepareOptions, prepare, reencode
 from proco_ray.engine.checkpoint import save_checkpoint
 from proco_ray.errors import DataError
 from proco_ray.evaluation.evaluate import read_checkpoint, restore_model

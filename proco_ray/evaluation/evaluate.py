@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from proco_ray.config import config_from_dict
-from proco_ray.data.manifest import read_manifest
 from proco_ray.data.augment import eval_view
+from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import build_dataset
 from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.data.augment import AUGMENTATIONS
+from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.engine import distributed
 from proco_ray.engine.feeds import TrainInput
 from proco_ray.method.losses import (
