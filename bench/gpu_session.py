@@ -85,7 +85,8 @@ def main() -> int:
     import ray
 
     gpu = args.device == "cuda"
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    # a GPU machine's cores; the dry run on a small CPU machine oversubscribes its cores to place the same runs
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 16), include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # the dry run: the same runs on the CPU at toy sizes
     small, large, head = (64, 224, 1500) if gpu else (16, 32, 60)
@@ -125,7 +126,7 @@ def main() -> int:
             try:
                 results[name] = train_run(name, [*common, f"data.uri={data}", f"data.image_size={small}", *overrides], root)
             except Exception:  # noqa: BLE001 - a failed run is recorded, the session goes on
-                results[name] = {"error": traceback.format_exc(limit=3)}
+                results[name] = {"error": traceback.format_exc(limit=3).strip().splitlines()[-1]}
             print(name, json.dumps(results[name]), flush=True)
         if time.time() < args.deadline - 60:
             fraction = ["train.gpus_per_worker=0.25", "train.cpus_per_worker=1"] if gpu else ["train.cpus_per_worker=1"]
@@ -133,7 +134,7 @@ def main() -> int:
             try:
                 results["tune-4-trials-quarter-gpu"] = tune_run(data_small, tune_overrides, root)
             except Exception:  # noqa: BLE001
-                results["tune-4-trials-quarter-gpu"] = {"error": traceback.format_exc(limit=3)}
+                results["tune-4-trials-quarter-gpu"] = {"error": traceback.format_exc(limit=3).strip().splitlines()[-1]}
     (args.out / "ray_runs.json").write_text(json.dumps(results, indent=2) + "\n")
     print("| run | img/s (last epoch) | data-wait share | wall s |\n| --- | --- | --- | --- |")
     for name, r in results.items():

@@ -28,11 +28,15 @@ left() { echo $((deadline - $(date +%s))); }
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
-if [ "$device" = cuda ]; then steps=("--arch resnet18 --image-size 64" "--arch resnet50 --image-size 224"); else steps=("--arch resnet18 --image-size 16"); fi
+if [ "$device" = cuda ]; then
+  steps=("--arch resnet18 --image-size 64 --batch-sizes 128 --steps 10" "--arch resnet50 --image-size 224 --batch-sizes 128 --steps 10")
+else
+  steps=("--arch resnet18 --image-size 16 --batch-sizes 16 --steps 2")
+fi
 for args in "${steps[@]}"; do
   # shellcheck disable=SC2086
-  timeout "$(( $(left) > 90 ? 90 : $(left) ))" "$python" bench/bench_step.py --device "$device" $args --batch-sizes 128 \
-    --queue-sizes 4096 --bank-sizes 4096 --steps 10 --skip-sync 2>&1 | tee -a "$out/bench_step.md"
+  timeout "$(( $(left) > 90 ? 90 : $(left) ))" "$python" bench/bench_step.py --device "$device" $args \
+    --queue-sizes 4096 --bank-sizes 4096 --skip-sync 2>&1 | tee -a "$out/bench_step.md"
 done
 
 timeout 60 "$python" -c "import json, sys; sys.path.insert(0, 'bench'); from bench_ingest import augment_rate

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tune": ("proco_ray.launch.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
     "local-sweep": ("proco_ray.launch.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
+    "length-curve": (
+        "proco_ray.experiments.length",
+        "one comparison at several training lengths: paired differences and the curve",
+    ),
 }
 
 

@@ -123,3 +123,44 @@ def test_a_killed_sweep_resumes_its_trial_from_the_latest_checkpoint_and_matches
     assert resumed == comparable(tmp_path / "unbroken" / "proco_seed0" / "history.json")
     assert "last/test/macro_f1" in resumed[-1] and all("last/test/macro_f1" not in row for row in resumed[:-1])
     assert [d.name for d in trial.glob("checkpoint_epoch_*")] == ["checkpoint_epoch_0004"]
+
+
+def test_paired_difference_is_the_paired_t_interval_of_the_per_seed_differences():
+    """Against the textbook formula: mean of d_i, +- t(0.975, n-1) s_d / sqrt(n)."""
+    import math
+    import statistics
+
+    from scipy.stats import t
+
+    from proco_ray.experiments.length import paired_difference
+
+    method, baseline = {0: 0.41, 1: 0.39, 2: 0.45, 5: 0.5}, {0: 0.38, 1: 0.40, 2: 0.40, 3: 0.1}
+    result = paired_difference(method, baseline)
+    differences = [0.41 - 0.38, 0.39 - 0.40, 0.45 - 0.40]
+    half = t.ppf(0.975, 2) * statistics.stdev(differences) / math.sqrt(3)
+    assert result.per_seed == pytest.approx({0: 0.03, 1: -0.01, 2: 0.05})
+    assert result.mean == pytest.approx(statistics.fmean(differences))
+    assert (result.low, result.high) == pytest.approx((result.mean - half, result.mean + half))
+    single = paired_difference({0: 0.5}, {0: 0.25})
+    assert single.mean == 0.25 and math.isnan(single.low)
+
+
+def test_length_curve_reads_both_readings_of_every_sweep_and_draws_the_figure(tmp_path, capsys):
+    from proco_ray.cli import main
+
+    for epochs, shift in ((15, 0.0), (50, 0.05)):
+        for variant, base in (("proco", 0.40), ("ce_resample", 0.35)):
+            for seed in range(3):
+                trial = tmp_path / f"e{epochs}" / f"{variant}_seed{seed}"
+                trial.mkdir(parents=True)
+                last = {"epoch": epochs, "test/macro_f1": base + shift + 0.01 * seed, "last/test/macro_f1": base + shift}
+                (trial / "history.json").write_text(json.dumps([{"epoch": 1}, last]))
+    figure = tmp_path / "figures" / "length.png"
+    argv = ["length-curve", "--dataset", "toy", "--sweep", f"15={tmp_path / 'e15'}", "--sweep", f"50={tmp_path / 'e50'}"]
+    assert main([*argv, "--figure", str(figure)]) == 0
+    table = capsys.readouterr().out
+    assert "| toy | 50 | best-validation epoch | 0.460 ± 0.010 (n=3) | 0.410 ± 0.010 (n=3) | +0.050, +0.050, +0.050 |" in table
+    assert "| toy | 15 | last epoch | 0.400 ± 0.000 (n=3) | 0.350 ± 0.000 (n=3) |" in table
+    assert figure.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="give --dataset NAME before"):
+        main(["length-curve", "--sweep", f"15={tmp_path / 'e15'}", "--dataset", "toy"])

@@ -1,0 +1,176 @@
+"""Training length: one comparison run at several lengths -> paired differences per seed, and the length curve.
+
+Each length is a finished `proco-ray local-sweep` folder (its trials `<variant>_seed<k>/history.json`). Two
+readings of every trial: the test macro-F1 of its best-validation epoch (`test/macro_f1` of the last
+report) and of its last epoch (`last/test/macro_f1`, no selection). Two methods are compared seed by
+seed (same seed, same split): the mean of their differences with a paired-t 95 % interval.
+
+    proco-ray length-curve --method proco --baseline ce_resample \\
+        --dataset "ISIC 2018, 32 px" --sweep 30=RUNS/isic-e30 --sweep 100=RUNS/isic-e100 \\
+        --dataset "RetinaMNIST, 28 px" --sweep 15=RUNS/retina-e15 ... --figure length-curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READINGS = {"best-validation epoch": "test/macro_f1", "last epoch": "last/test/macro_f1"}
+TRIAL_NAME = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """method - baseline over the seeds both have: per seed, the mean and its paired-t 95 % interval."""
+
+    per_seed: dict[int, float]
+    mean: float
+    low: float
+    high: float
+
+
+def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]) -> PairedDifference:
+    """Differences on the seeds both ran; the interval is scipy's paired t (nan below 2 seeds)."""
+    seeds = sorted(set(method) & set(baseline))
+    differences = {seed: method[seed] - baseline[seed] for seed in seeds}
+    if len(seeds) < 2:
+        value = differences[seeds[0]] if seeds else math.nan
+        return PairedDifference(differences, value, math.nan, math.nan)
+    mean = statistics.fmean(differences.values())
+    if len(set(differences.values())) == 1:  # no spread: the interval is the point (scipy warns and returns nan)
+        return PairedDifference(differences, mean, mean, mean)
+    from scipy.stats import ttest_rel
+
+    interval = ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).confidence_interval(0.95)
+    return PairedDifference(differences, mean, float(interval.low), float(interval.high))
+
+
+def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """{variant: {reading: {seed: test macro-F1}}} of the complete trials of a local-sweep folder."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for history_file in sorted(folder.glob("*/history.json")):
+        match = TRIAL_NAME.fullmatch(history_file.parent.name)
+        history = json.loads(history_file.read_text())
+        if match is None or not history or (history_file.parent / "error.txt").exists():
+            continue
+        last = history[-1]
+        for reading, key in READINGS.items():
+            if key in last:
+                out.setdefault(match["variant"], {}).setdefault(reading, {})[int(match["seed"])] = float(last[key])
+    return out
+
+
+def _cell(values: Mapping[int, float]) -> str:
+    if not values:
+        return "–"
+    numbers = list(values.values())
+    spread = f" ± {statistics.stdev(numbers):.3f}" if len(numbers) > 1 else ""
+    return f"{statistics.fmean(numbers):.3f}{spread} (n={len(numbers)})"
+
+
+def _difference_cell(difference: PairedDifference) -> tuple[str, str]:
+    per_seed = ", ".join(f"{d:+.3f}" for _, d in sorted(difference.per_seed.items())) or "–"
+    if math.isnan(difference.low):
+        return per_seed, "–"
+    return per_seed, f"{difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}]"
+
+
+def length_table(datasets: Mapping[str, Mapping[int, Path]], method: str, baseline: str, others: Sequence[str] = ()) -> str:
+    """A markdown table: one row per dataset, length and reading; the methods' test macro-F1 (mean ± std over
+    seeds) and method - baseline per seed with its mean and 95 % interval."""
+    names = [method, baseline, *others]
+    header = ["dataset", "epochs", "reading", *names, f"{method} − {baseline} per seed", "mean [95 % CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset, sweeps in datasets.items():
+        for epochs, folder in sorted(sweeps.items()):
+            readings = sweep_readings(folder)
+            for reading in READINGS:
+                values = {name: readings.get(name, {}).get(reading, {}) for name in names}
+                per_seed, summary = _difference_cell(paired_difference(values[method], values[baseline]))
+                cells = [dataset, str(epochs), reading, *(_cell(values[n]) for n in names), per_seed, summary]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_length_curve(datasets: Mapping[str, Mapping[int, Path]], names: Sequence[str], path: Path) -> Path:
+    """Test macro-F1 (best-validation epoch, solid; last epoch, dashed) against epochs, a panel per dataset, a
+    line per method, error bars from the seeds' standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for axis, (dataset, sweeps) in zip(axes[0], datasets.items()):
+        readings = {epochs: sweep_readings(folder) for epochs, folder in sorted(sweeps.items())}
+        for index, name in enumerate(names):
+            for reading, style in zip(READINGS, ("-", "--")):
+                points = [
+                    (epochs, list(values))
+                    for epochs, r in readings.items()
+                    if (values := r.get(name, {}).get(reading, {}).values())
+                ]
+                if not points:
+                    continue
+                x = [epochs for epochs, _ in points]
+                y = [statistics.fmean(v) for _, v in points]
+                error = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+                label = f"{name} ({reading})"
+                axis.errorbar(x, y, yerr=error, fmt=style + "o", color=f"C{index}", capsize=3, label=label, alpha=0.9)
+        axis.set_xscale("log")
+        axis.set_xticks(sorted(sweeps), [str(e) for e in sorted(sweeps)])
+        axis.set_xlabel("epochs")
+        axis.set_ylabel("test macro-F1")
+        axis.set_title(dataset)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def parse_datasets(items: Sequence[tuple[str, str]]) -> dict[str, dict[int, Path]]:
+    """('--dataset', NAME) and ('--sweep', 'EPOCHS=FOLDER') in command-line order -> {NAME: {EPOCHS: FOLDER}}."""
+    datasets: dict[str, dict[int, Path]] = {}
+    current = None
+    for kind, value in items:
+        if kind == "dataset":
+            current = datasets.setdefault(value, {})
+            continue
+        if current is None:
+            raise SystemExit("length-curve: give --dataset NAME before its --sweep EPOCHS=FOLDER")
+        epochs, sep, folder = value.partition("=")
+        if not sep or not epochs.isdigit() or not Path(folder).is_dir():
+            raise SystemExit(f"length-curve: --sweep '{value}' is not EPOCHS=FOLDER of an existing folder")
+        current[int(epochs)] = Path(folder)
+    return datasets
+
+
+class _Ordered(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        namespace.items = [*(getattr(namespace, "items", None) or []), (self.dest, values)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", action=_Ordered, required=True, help="a dataset's name; its --sweep options follow")
+    parser.add_argument("--sweep", action=_Ordered, required=True, help="EPOCHS=FOLDER of a finished local-sweep")
+    parser.add_argument("--method", default="proco", help="variant compared (default proco)")
+    parser.add_argument("--baseline", default="ce_resample", help="variant it is compared with (default ce_resample)")
+    parser.add_argument("--others", nargs="*", default=[], help="further variants shown beside them")
+    parser.add_argument("--figure", type=Path, help="write the length curve here (PNG)")
+
+
+def run(args: argparse.Namespace) -> int:
+    datasets = parse_datasets(args.items)
+    print(length_table(datasets, args.method, args.baseline, args.others))
+    if args.figure:
+        print(f"figure written to {plot_length_curve(datasets, [args.method, args.baseline, *args.others], args.figure)}")
+    return 0
