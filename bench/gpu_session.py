@@ -136,14 +136,12 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 results["tune-4-trials-quarter-gpu"] = {"error": traceback.format_exc(limit=3).strip().splitlines()[-1]}
     (args.out / "ray_runs.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("| run | img/s (last epoch) | data-wait share | wall s |\n| --- | --- | --- | --- |")
+    print("| run | img/s (last epoch) | data-wait share | wall s | outcome |\n| --- | --- | --- | --- | --- |")
     for name, r in results.items():
         rate, wait = r.get("images_per_s"), r.get("data_wait_share")
-        print(
-            f"| {name} | {rate:.0f} | {wait:.1%} | {r.get('wall_s', 0):.0f} |"
-            if rate is not None
-            else f"| {name} | {r.get('error', r.get('skipped', r.get('exit_code')))!s:.80} | | {r.get('wall_s', 0):.0f} |"
-        )
+        outcome = r.get("error") or r.get("skipped") or (f"exit {r['exit_code']}" if "exit_code" in r else "ok")
+        numbers = f"{rate:.0f} | {wait:.1%}" if rate is not None else "– | –"
+        print(f"| {name} | {numbers} | {r.get('wall_s', 0):.0f} | {outcome} |")
     return 0
 
 
