@@ -4,8 +4,9 @@ Both sides read the same shards of the real ISIC 2018 sample, prepared once at e
 SeaweedFS S3 server, through `build_dataset` on the same local Ray with the same CPUs, and hand batches
 of 128 to a consumer that only counts them:
 
-* new: the stored images, decoded in Ray Data tasks, as uint8 [B, H, W, 3] (the worker then makes the
-  views on its device); `raw` additionally reads shards prepared with `--encoding raw` (nothing decoded);
+* new: the stored images as prepare stores them by default (raw pixels up to 64 px, JPEG above), decoded in
+  Ray Data tasks where JPEG, delivered as uint8 [B, H, W, 3] (the worker then makes the views on its
+  device); at 64 px the JPEG shards are measured too;
 * baseline: the path this project had before, two MoCo v2 views per image made with torchvision's PIL
   transforms in Ray Data tasks and shipped as normalised float32 [B, 3, H, W] each.
 
@@ -145,32 +146,34 @@ def run_size(source: str, endpoint_bucket: str, size: int, args) -> dict:
     import ray
 
     from proco_ray.data.pipeline import build_dataset
-    from proco_ray.data.prepare import PrepareOptions, prepare
+    from proco_ray.data.prepare import PrepareOptions, prepare, resolve_encoding
 
-    jpeg, raw = f"s3://{endpoint_bucket}/isic2018-{size}", f"s3://{endpoint_bucket}/isic2018-{size}-raw"
+    encoding = resolve_encoding("auto", size)
+    uris = {name: f"s3://{endpoint_bucket}/isic2018-{size}-{name}" for name in dict.fromkeys(["jpeg", encoding])}
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        prepare(source, jpeg, PrepareOptions(image_size=size))
-        prepare(source, raw, PrepareOptions(image_size=size, encoding="raw"))
-        new = build_dataset(jpeg, "train", train=True)
-        sides = {
-            "new": new,
-            "raw": build_dataset(raw, "train", train=True),
-            "baseline": new.map_batches(baseline_two_views, batch_size=64, fn_kwargs=dict(size=size)),
-        }
+        for name, uri in uris.items():
+            prepare(source, uri, PrepareOptions(image_size=size, encoding=name))
+        jpeg = build_dataset(uris["jpeg"], "train", train=True)
+        sides = {"new": build_dataset(uris[encoding], "train", train=True)}
+        if encoding != "jpeg":
+            sides["jpeg"] = jpeg
+        sides["baseline"] = jpeg.map_batches(baseline_two_views, batch_size=64, fn_kwargs=dict(size=size))
         runs = measure(sides, args.epochs)
     finally:
         ray.shutdown()
     result = {
+        "encoding": encoding,
         "ray_data_img_per_s": steady(runs["new"], "img_per_s"),
-        "ray_data_raw_img_per_s": steady(runs["raw"], "img_per_s"),
         "baseline_img_per_s": steady(runs["baseline"], "img_per_s"),
-        "cpu_ms_per_image": {side: steady(runs[side], "cpu_ms") for side in ("new", "raw", "baseline")},
-        "object_store_bytes_per_image": {side: steady(runs[side], "bytes") for side in ("new", "raw", "baseline")},
+        "cpu_ms_per_image": {side: steady(runs[side], "cpu_ms") for side in runs},
+        "object_store_bytes_per_image": {side: steady(runs[side], "bytes") for side in runs},
         "epochs_img_per_s": {side: [round(r["img_per_s"]) for r in runs[side]] for side in runs},
         "augment_img_per_s_per_cpu_thread": augment_rate(size, "cpu"),
     }
+    if "jpeg" in runs:
+        result["ray_data_jpeg_img_per_s"] = steady(runs["jpeg"], "img_per_s")
     if args.device != "cpu":
         result[f"augment_img_per_s_{args.device}"] = augment_rate(size, args.device)
     return result
@@ -178,17 +181,18 @@ def run_size(source: str, endpoint_bucket: str, size: int, args) -> dict:
 
 def render(results: dict[str, dict]) -> str:
     lines = [
-        "| size | new: uint8 img/s | new, raw shards: img/s | baseline: PIL views img/s | speed-up | CPU ms/img new / baseline "
-        "| bytes/img new / baseline | bytes ratio | view-making, 1 CPU thread: moco_v2 / supervised img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | new: stored as | new: uint8 img/s | baseline: PIL views img/s | speed-up | JPEG shards, uint8: img/s "
+        "| CPU ms/img new / baseline | bytes/img new / baseline | bytes ratio | views on 1 CPU thread: moco_v2 / supervised img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, r in results.items():
         cpu, size_b, aug = r["cpu_ms_per_image"], r["object_store_bytes_per_image"], r["augment_img_per_s_per_cpu_thread"]
+        jpeg = r.get("ray_data_jpeg_img_per_s", r["ray_data_img_per_s"])
         lines.append(
-            f"| {size} px | {r['ray_data_img_per_s']:.0f} | {r['ray_data_raw_img_per_s']:.0f} | {r['baseline_img_per_s']:.0f} "
-            f"| {r['ray_data_img_per_s'] / r['baseline_img_per_s']:.1f}x | {cpu['new']:.2f} / {cpu['baseline']:.2f} "
-            f"| {size_b['new']:,.0f} / {size_b['baseline']:,.0f} | {size_b['baseline'] / size_b['new']:.1f}x "
-            f"| {aug['moco_v2']:.0f} / {aug['supervised']:.0f} |"
+            f"| {size} px | {r['encoding']} | {r['ray_data_img_per_s']:.0f} | {r['baseline_img_per_s']:.0f} "
+            f"| {r['ray_data_img_per_s'] / r['baseline_img_per_s']:.1f}x | {jpeg:.0f} ({jpeg / r['baseline_img_per_s']:.1f}x) "
+            f"| {cpu['new']:.2f} / {cpu['baseline']:.2f} | {size_b['new']:,.0f} / {size_b['baseline']:,.0f} "
+            f"| {size_b['baseline'] / size_b['new']:.2f}x | {aug['moco_v2']:.0f} / {aug['supervised']:.0f} |"
         )
     lines.append("")
     for size, r in results.items():

@@ -42,7 +42,7 @@ from proco_ray.storage.s3 import join, resolve, storage_errors
 
 BLOCK_BYTES = 32 << 20
 MIN_BLOCKS = 4
-BATCH_ROWS = 64
+MAX_BLOCK_ROWS = 1024
 
 
 def _load_shard(fs: pafs.FileSystem, root: str, shard: Shard) -> tuple[str | None, pa.Table | None]:
@@ -89,8 +89,10 @@ def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.T
 
 
 def num_blocks(rows: int, image_size: int) -> int:
-    """Blocks of about BLOCK_BYTES of decoded images: all CPUs busy, a quick first batch, bounded memory."""
-    rows_per_block = max(16, min(512, BLOCK_BYTES // (3 * image_size * image_size)))
+    """Blocks of about BLOCK_BYTES of decoded images and at most MAX_BLOCK_ROWS rows, at least MIN_BLOCKS of them:
+    all CPUs busy and bounded memory, with few enough tasks that their overhead stays small (blocks of 128 rows
+    halved the images/s of blocks of 512 at 64 px)."""
+    rows_per_block = max(16, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (3 * image_size * image_size)))
     return max(MIN_BLOCKS, math.ceil(rows / rows_per_block))
 
 
@@ -186,7 +188,5 @@ def build_dataset(
     positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, stored.image_size)).materialize()
     ds = positions.map_batches(select_rows, batch_size=None, fn_args=(stored.refs, order, positions.context))
     return ds.map_batches(
-        decode_batch,
-        batch_size=BATCH_ROWS,
-        fn_kwargs=dict(encoding=stored.encoding, size=stored.image_size, with_ids=with_ids),
+        decode_batch, batch_size=None, fn_kwargs=dict(encoding=stored.encoding, size=stored.image_size, with_ids=with_ids)
     )

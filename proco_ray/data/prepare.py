@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,18 @@ from proco_ray.storage.s3 import claim_output, is_s3, join, list_files, resolve,
 
 MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG", RAW: None}  # raw: the uint8 pixels, nothing to decode when training
+AUTO = "auto"
+RAW_UP_TO = 64  # auto: raw pixels up to this size (delivered about twice as fast as JPEG), JPEG above (raw would be
+# read slower than JPEG is decoded); docs/benchmarks-ingest.md
+
+
+def resolve_encoding(encoding: str, image_size: int) -> str:
+    """'auto' -> raw up to RAW_UP_TO px, jpeg above; a named encoding as given."""
+    if encoding == AUTO:
+        return RAW if image_size <= RAW_UP_TO else "jpeg"
+    if encoding not in ENCODINGS:
+        raise DataError(f"unknown encoding '{encoding}'; choose one of {[AUTO, *ENCODINGS]}")
+    return encoding
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ class PrepareOptions:
     """How images are resized, encoded, split and sharded."""
 
     image_size: int = 64
-    encoding: str = "jpeg"
+    encoding: str = AUTO
     quality: int = 95
     split: str = "paper"
     seed: int = 0
@@ -304,8 +316,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate, split, resize and encode a source, write shards and then the manifest; returns the manifest
     document as written."""
-    if options.encoding not in ENCODINGS:
-        raise DataError(f"unknown encoding '{options.encoding}'; choose one of {list(ENCODINGS)}")
+    options = replace(options, encoding=resolve_encoding(options.encoding, options.image_size))
     if options.image_size < 8:
         raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
     started = time.time()
@@ -381,10 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> N
     )
     parser.add_argument(
         "--encoding",
-        choices=list(ENCODINGS),
+        choices=[AUTO, *ENCODINGS],
         default=defaults.encoding,
-        help="how images are stored: jpeg (default), png, or raw uint8 pixels (nothing to decode; 3 bytes a pixel, "
-        "for small sizes)",
+        help=f"how images are stored: jpeg, png, or raw uint8 pixels (nothing to decode, 3 bytes a pixel); "
+        f"auto (default): raw up to {RAW_UP_TO} px, jpeg above",
     )
     parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (default: %(default)s)")
     parser.add_argument(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from proco_ray.data.decode import RAW
 from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"
@@ -63,7 +64,7 @@ def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | No
     prep = preprocessing_of(state)
     size = prep.image_size
     resize = f"squash to {size} x {size} (aspect not kept, bicubic)"
-    if prep.encoding:
+    if prep.encoding and prep.encoding != RAW:
         resize += f", then {prep.encoding}" + (f" quality {prep.quality}" if prep.encoding == "jpeg" else "") + " round trip"
     return {
         "program": PROGRAM,
