@@ -232,15 +232,18 @@ def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resampl
     context.execution_options.preserve_order = True
     try:
         for epoch in range(2):
-            ds = build_dataset(prepared, "train", train=True, resample=resample, seed=5, first_epoch=epoch)
-            ray_epoch = torch.cat([b["image"] for b in ds.iter_torch_batches(batch_size=8)])
-            one = local_feed(prepared, config, workers=0)
-            local = torch.cat([b["image"] for b in one.train_batches(source, epoch)])
+
+            def dataset():
+                return build_dataset(prepared, "train", train=True, resample=resample, seed=5, first_epoch=epoch)
+
+            [one] = dataset().streaming_split(1)  # as Ray Train's one worker reads it
+            ray_epoch = torch.cat([b["image"] for b in one.iter_torch_batches(batch_size=8)])
+            local = torch.cat([b["image"] for b in local_feed(prepared, config, workers=0).train_batches(source, epoch)])
             assert torch.equal(local, ray_epoch[: len(local)])
             ranks = [list(local_feed(prepared, config, rank, 2, workers=0).train_batches(source, epoch)) for rank in (0, 1)]
             interleaved = torch.cat([torch.cat([a["image"], b["image"]]) for a, b in zip(*ranks)])
             assert torch.equal(interleaved, local)
-            shards = ds.streaming_split(2, equal=False)
+            shards = dataset().streaming_split(2, equal=False)
             ray_two: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
 
             def consume(k: int) -> None:

@@ -108,12 +108,13 @@ class RowOrder:
 
     def epoch_key(self, data_context: Any) -> list[int]:
         """(seed, epoch): the same in every task of one epoch, different in the next epoch. The epoch is
-        `first_epoch` plus the dataset's execution index (one execution per epoch), so a dataset built for a
-        run resumed after `first_epoch` epochs visits the rows in the order the uninterrupted run would."""
+        `first_epoch` plus the dataset's executions before this one (one execution per epoch; Ray counts them
+        from 1), so a dataset built for a run resumed after `first_epoch` epochs visits the rows in the order
+        the uninterrupted run would, and epoch e is `sampling.epoch_rows(..., e)` as in the local feed."""
         if self.seed_config is None:
             return [0, 0]
         seed = self.seed_config.get_seed_tuple(data_context=data_context)
-        return [seed.seed, self.first_epoch + (seed.execution_idx or 0)]
+        return [seed.seed, self.first_epoch + max((seed.execution_idx or 1) - 1, 0)]
 
     def pick(self, positions: np.ndarray, labels: np.ndarray, data_context: Any) -> np.ndarray:
         """Stored row indices for these positions of the epoch."""
