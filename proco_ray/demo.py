@@ -23,6 +23,7 @@ from proco_ray.inference.export import export
 from proco_ray.inference.predict import predict
 from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.launch.trainer import fit, summarise, write_run_file
+from proco_ray.method.registry import resolved
 from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
 
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, [f"train.storage_path={Path(args.run_dir).resolve()}", *args.overrides])
+    config = resolved(load_config(args.config, [f"train.storage_path={Path(args.run_dir).resolve()}", *args.overrides]))
     server = LocalS3Server(args.storage_dir)
     was_running = server.running()
     endpoint = server.start()
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         config.data.uri = data_uri
         config.data.num_classes = len(manifest["classes"])
         print(
-            f"[3/5] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs",
+            f"[3/5] training {config.method.name} ({config.method.sampling} batches, {config.data.augmentation} augmentation) "
+            f"on {config.train.num_workers} workers for {config.optim.epochs} epochs",
             flush=True,
         )
         summary = summarise(fit(config), config)

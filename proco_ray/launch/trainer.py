@@ -31,7 +31,7 @@ from proco_ray.data.pipeline import StoredSplit, build_dataset, store_split
 from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
 from proco_ray.engine.loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
-from proco_ray.method.registry import METHODS, train_input
+from proco_ray.method.registry import METHODS, resolved, train_input
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
 TRAIN_PREFIX = "train_"  # training inputs are named by TrainInput.key, e.g. train_moco_v2_2v
@@ -335,15 +335,17 @@ def write_run_file(config: Config, filename: str, data: bytes) -> str:
 
 
 def save_resolved_config(config: Config) -> str:
-    """The resolved config, so that a run can be repeated and evaluated from its folder."""
+    """The resolved config (no `auto` left: it states the sampling, augmentation and proto-loss form the method
+    chose), so that a run can be repeated and evaluated from its folder."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "config.yaml"
-        save_config(config, local)
+        save_config(resolved(config), local)
         return write_run_file(config, "config.yaml", local.read_bytes())
 
 
 def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
     """Train on the connected Ray cluster; rerunning with the same train.name and storage resumes."""
+    config = resolved(config)
     check_resources(config, streams_data=feed_factory is None)
     check_paths_reach_every_node(
         {"data.uri": config.data.uri if feed_factory is None else "", "train.storage_path": config.train.storage_path},
@@ -408,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.uri={args.data}"] if args.data else [])
-    config = load_config(args.config, overrides)
+    config = resolved(load_config(args.config, overrides))
     if not config.data.uri:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
     check_manifest(config, read_manifest(config.data.uri))  # before Ray starts: a bad --data fails in a second
