@@ -265,7 +265,7 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped as package data (pyproject.toml)
 
 
 def find_named_file(name: str | Path, folder: Path, what: str) -> Path:

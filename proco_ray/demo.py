@@ -28,7 +28,11 @@ from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="cpu-small.yaml", help="YAML file or a name from configs/ (default cpu-small.yaml)")
+    parser.add_argument(
+        "--config",
+        default="cpu-small.yaml",
+        help="YAML file or a shipped config's name (proco_ray/configs; default cpu-small.yaml)",
+    )
     parser.add_argument(
         "--source",
         help="a dataset as downloaded (ISIC 2018, APTOS 2019, MedMNIST npz, ImageFolder); default: a generated long-tailed one",

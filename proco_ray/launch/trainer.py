@@ -403,7 +403,11 @@ def storage_uri(path: str, config: Config) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="isic2018.yaml", help="YAML file, or a name from configs/ (default isic2018.yaml)")
+    parser.add_argument(
+        "--config",
+        default="isic2018.yaml",
+        help="YAML file, or a shipped config's name (proco_ray/configs; default isic2018.yaml)",
+    )
     parser.add_argument("--data", help="prepared dataset URI (sets data.uri)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.num_workers=4")
 
