@@ -22,7 +22,8 @@ from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_con
 from proco_ray.inference.export import export
 from proco_ray.inference.predict import predict
 from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.launch.trainer import fit, summarise, write_run_file
+from proco_ray.launch.run_claim import claimed
+from proco_ray.launch.trainer import fit_or_explain, summarise, write_run_file
 from proco_ray.method.registry import resolved
 from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             f"on {config.train.num_workers} workers for {config.optim.epochs} epochs",
             flush=True,
         )
-        summary = summarise(fit(config), config)
+        with claimed(config):
+            summary = summarise(fit_or_explain(config), config)
         summary_file = write_run_file(config, "summary.json", json.dumps(summary, indent=2, default=str).encode())
         print(f"[4/5] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)
