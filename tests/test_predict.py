@@ -66,7 +66,9 @@ def test_predicts_every_readable_image_and_lists_the_unreadable(trained):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert table["predicted"].to_pylist() == [["common", "rare", "scarce"][k] for k in probs.argmax(1)]
     unreadable = pacsv.read_csv(out / "unreadable.csv").to_pylist()
-    assert len(unreadable) == 1 and unreadable[0]["path"].endswith("rare/broken.jpg") and unreadable[0]["error"]
+    assert len(unreadable) == 1 and unreadable[0]["path"].endswith("rare/broken.jpg")
+    # issue 26.7: the file and the problem, not PIL's memory address of the buffer it read
+    assert unreadable[0]["error"] == "broken.jpg: not an image format PIL can read (unknown format, or a damaged or empty file)"
     assert (out / "predictions.csv").is_file()
     with pytest.raises(DataError, match="already holds .* pass --overwrite"):
         predict(str(trained["checkpoint"]), str(trained["images"]), str(out))

@@ -28,7 +28,7 @@ from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
 from proco_ray.data.transforms import decode, eval_view, normalize_batch
 from proco_ray.engine.checkpoint import CHECKPOINT_HELP
-from proco_ray.errors import DataError
+from proco_ray.errors import DataError, image_problem
 from proco_ray.storage.s3 import claim_output, join, list_files, resolve, storage_errors, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -78,7 +78,7 @@ def preprocess_batch(
             errors.append("")
         except Exception as error:  # any failure to decode the bytes read means a bad image
             images.append(None)
-            errors.append(f"{type(error).__name__}: {error}")
+            errors.append(f"{path.rsplit('/', 1)[-1]}: {image_problem(error)}")
     pixels = np.zeros((len(images), 3, prep.image_size, prep.image_size), dtype=np.float32)
     readable = [i for i, image in enumerate(images) if image is not None]
     if readable:
