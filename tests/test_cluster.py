@@ -164,3 +164,34 @@ def test_a_local_ray_is_sized_to_the_machine_not_to_the_request():
     assert local_cpus(3, cores=2) == 3  # one worker on both cores + Ray Data's CPU
     assert local_cpus(33, cores=2) == 3
     assert local_cpus(5, cores=16) == 16
+
+
+def test_rays_meaningless_lines_stay_off_the_screen():
+    """Issue 26.6: every local run printed Ray Data's "no available CPUs ... will hang" (nothing hangs: the run
+    keeps a CPU for Ray Data) and Ray Train's own use of a deprecated ExecutionOptions argument."""
+    import logging
+    import warnings
+
+    from ray.data import ExecutionOptions
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    from proco_ray.launch.cluster import IDLE_CPU_WARNING, quiet_ray_process
+
+    quiet_ray_process()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        quiet_ray_process()  # after a reset of the filters, as in a fresh worker
+        ExecutionOptions(exclude_resources=ExecutionResources.zero())
+        warnings.warn("another deprecation", DeprecationWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["another deprecation"]
+    dataset_logger = logging.getLogger("ray.data.dataset")  # Ray's loggers do not propagate to the root
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    dataset_logger.addHandler(handler)
+    try:
+        dataset_logger.warning(IDLE_CPU_WARNING + ". The Dataset job will hang unless more CPUs are freed up.")
+        dataset_logger.warning("a warning that matters")
+    finally:
+        dataset_logger.removeHandler(handler)
+    assert seen == ["a warning that matters"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proco_ray.config import ConfigError, load_config, parse_overrides
+from proco_ray.config import ConfigError, load_config, merge, parse_overrides
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.experiments.spec import (
     CONFIG_TUNE_DIR,
@@ -334,7 +334,8 @@ def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp
             "asha": {"grace_period": 1, "reduction_factor": 2},
         }
     )
-    result = sweep(experiment, tiny_base(experiment, 2), name="asha", storage_path=str(tmp_path), feed_factory=FEED)
+    base = merge(tiny_base(experiment, 2), {"method": {"name": "proco_paper"}})  # whose loss lr 1e-5 barely moves
+    result = sweep(experiment, base, name="asha", storage_path=str(tmp_path), feed_factory=FEED)
     epochs = {r.params["optim.lr"]: [] for r in result.records}
     for r in result.records:
         assert r.error is None, r.error

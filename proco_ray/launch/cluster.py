@@ -50,6 +50,35 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
     return recorded
 
 
+# Lines Ray prints on every local run that say nothing to a user of this project: Ray Data's "no available
+# CPUs, the Dataset job will hang" (the run holds its workers' CPUs by design and keeps one for Ray Data,
+# so nothing hangs), and Ray Train's own use of the deprecated ExecutionOptions.exclude_resources.
+IDLE_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
+EXCLUDE_RESOURCES_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_ray_process() -> None:
+    """Keep Ray's meaningless lines (above) off the screen, in this process; the local Ray runs it in every
+    worker as its `worker_process_setup_hook`."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
+    dataset_logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _DropMessage) for f in dataset_logger.filters):
+        dataset_logger.addFilter(_DropMessage(IDLE_CPU_WARNING))
+
+
 LOCAL_EXTRA_CPUS = 1  # one logical CPU beyond the cores, for Ray Data beside workers that use every core
 
 
@@ -74,13 +103,20 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     plan (two INFO lines per prepare phase, evaluation pass and prediction) is turned off in this process.
     """
     ray.data.DataContext.get_current().print_on_execution_start = False
+    quiet_ray_process()
     if ray.is_initialized():
         return False
     address = cluster_address() if join_existing else None
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=local_cpus(min_cpus),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_process"},
+    )
     return True
 
 
