@@ -83,7 +83,7 @@ def prepared(ray_local, tmp_path) -> str:
     return data
 
 
-def train_command(data: str, runs: Path, *overrides: str) -> list[str]:
+def train_command(data: str, runs: Path | str, *overrides: str) -> list[str]:
     common = [f"train.storage_path={runs}", "train.name=p4", "data.batch_size=8", "method.queue_size=32", *overrides]
     return ["train", "--config", str(TINY), "--data", data, *common]
 
@@ -143,3 +143,31 @@ def test_a_second_live_run_of_the_same_name_is_refused_and_the_first_loses_nothi
     capsys.readouterr()
     assert main(command) == 0
     assert f"resuming run {runs / 'p4'} from its latest checkpoint: epoch 2 of 2 done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_storage_gone_mid_run_is_one_line_naming_it_and_the_resume(ray_local, prepared, tmp_path):
+    """Issue 26.7: a local S3 server stopped during training gave a 40-line ray.train.ControllerError traceback."""
+    from proco_ray.storage.seaweedfs import LocalS3Server
+
+    server = LocalS3Server(tmp_path / "s3", port=None)
+    endpoint = server.start()
+    try:
+        env = {**os.environ, **endpoint.env(), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+        runs = "s3://proco-gone/runs"
+        command = train_command(prepared, runs, "optim.epochs=8")
+        log = tmp_path / "train.log"
+        with open(log, "w") as out:
+            train = subprocess.Popen([sys.executable, "-m", "proco_ray", *command], stdout=out, stderr=subprocess.STDOUT, env=env)
+            deadline = time.time() + 300
+            while "epoch 2/8" not in log.read_text() and train.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            server.stop()
+            assert train.wait(timeout=300) == 1
+    finally:
+        server.stop()
+    errors = [line for line in log.read_text().splitlines() if line.startswith("proco-ray train: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"proco-ray train: error: the run's storage {runs} stopped answering during training ("
+    )
+    assert errors[0].endswith("rerun the same command to resume from the run's latest checkpoint")
