@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+INTERRUPTED = 128 + 2  # the exit status of a command stopped by Ctrl-C (SIGINT), as shells report it
+
+
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: proco-ray COMMAND [options]", "", "commands:"]
@@ -58,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        hint = getattr(module, "ON_INTERRUPT", "")
+        print(f"proco-ray {command}: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
+        return INTERRUPTED
     except ProcoError as error:
         cause = f"\n  caused by: {error.__cause__!r}" if error.__cause__ is not None else ""
         print(f"proco-ray {command}: error: {error}{cause}", file=sys.stderr)

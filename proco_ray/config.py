@@ -34,7 +34,7 @@ class DataConfig:
     image_size: int = 64
     batch_size: int = 128
     eval_batch_size: int = 256
-    augmentation: str = "auto"
+    augmentation: str = "auto"  # the method's: supervised, moco_v2 or none (per stage for CL: pretrain:...,linear:...)
     prefetch_batches: int = 2  # batches a Ray Train worker has copied to its device ahead of the step
     train_split: str = "train"
     val_split: str = "val"
@@ -68,7 +68,8 @@ class MethodConfig:
     beta: float = 0.95
     w_init: float = 0.01
     tau: float = 1.0
-    proto_form: str = "eq7"
+    proto_form: str = "auto"  # the method's: split for proco, eq7 for proco_paper
+    sampling: str = "auto"  # the method's: class_balanced or instance_balanced (per stage for CL: pretrain:...,linear:...)
     circle_margin: float = 0.25
     infonce_temperature: float = 0.07
     queue_size: int = 4096
@@ -173,8 +174,34 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 # Keys that configs and checkpoints of earlier versions hold: (the value they never changed anything at, why).
 RETIRED_KEYS: dict[str, tuple[Any, str]] = {
-    "data.resample": (False, "class-balanced sampling is chosen by the method: ce_resample, cl_resample, proco_resample"),
+    "data.resample": (False, "class-balanced sampling is chosen by the method: ce_resample, cl_resample, proco"),
 }
+
+# Method names of earlier versions: the settings they stood for, so their configs and checkpoints still load.
+RENAMED_METHODS: dict[str, dict[str, Any]] = {
+    # ProCo on class-balanced batches, with the defaults of its time (Eq. 7, MoCo v2's views)
+    "proco_resample": {
+        "method": {"name": "proco", "sampling": "class_balanced", "proto_form": "eq7"},
+        "data": {"augmentation": "moco_v2"},
+    },
+}
+
+
+def _renamed(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`values` with a renamed method spelt in today's names; what the old config set explicitly stays."""
+    method = values.get("method")
+    name = method.get("name") if isinstance(method, Mapping) else None
+    if not isinstance(name, str) or name not in RENAMED_METHODS:
+        return values
+    spelt = RENAMED_METHODS[name]
+    out = dict(values)
+    for section, settings in spelt.items():
+        given = dict(out.get(section) or {})
+        for key, value in settings.items():
+            if key == "name" or given.get(key, "auto") == "auto":
+                given[key] = value
+        out[section] = given
+    return out
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -202,7 +229,7 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """Build a Config, refusing unknown keys and values of the wrong type."""
-    return _build(Config, values, "")
+    return _build(Config, _renamed(values) if isinstance(values, Mapping) else values, "")
 
 
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,7 +268,7 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped as package data (pyproject.toml)
 
 
 def find_named_file(name: str | Path, folder: Path, what: str) -> Path:

@@ -22,12 +22,18 @@ from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_con
 from proco_ray.inference.export import export
 from proco_ray.inference.predict import predict
 from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.launch.trainer import fit, summarise, write_run_file
+from proco_ray.launch.run_claim import claimed
+from proco_ray.launch.trainer import fit_or_explain, summarise, write_run_file
+from proco_ray.method.registry import resolved
 from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="cpu-small.yaml", help="YAML file or a name from configs/ (default cpu-small.yaml)")
+    parser.add_argument(
+        "--config",
+        default="cpu-small.yaml",
+        help="YAML file or a shipped config's name (proco_ray/configs; default cpu-small.yaml)",
+    )
     parser.add_argument(
         "--source",
         help="a dataset as downloaded (ISIC 2018, APTOS 2019, MedMNIST npz, ImageFolder); default: a generated long-tailed one",
@@ -38,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, [f"train.storage_path={Path(args.run_dir).resolve()}", *args.overrides])
+    config = resolved(load_config(args.config, [f"train.storage_path={Path(args.run_dir).resolve()}", *args.overrides]))
     server = LocalS3Server(args.storage_dir)
     was_running = server.running()
     endpoint = server.start()
@@ -57,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
         config.data.uri = data_uri
         config.data.num_classes = len(manifest["classes"])
         print(
-            f"[3/5] training {config.method.name} on {config.train.num_workers} workers for {config.optim.epochs} epochs",
+            f"[3/5] training {config.method.name} ({config.method.sampling} batches, {config.data.augmentation} augmentation) "
+            f"on {config.train.num_workers} workers for {config.optim.epochs} epochs",
             flush=True,
         )
-        summary = summarise(fit(config), config)
+        with claimed(config):
+            summary = summarise(fit_or_explain(config), config)
         summary_file = write_run_file(config, "summary.json", json.dumps(summary, indent=2, default=str).encode())
         print(f"[4/5] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)

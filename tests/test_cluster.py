@@ -164,3 +164,45 @@ def test_a_local_ray_is_sized_to_the_machine_not_to_the_request():
     assert local_cpus(3, cores=2) == 3  # one worker on both cores + Ray Data's CPU
     assert local_cpus(33, cores=2) == 3
     assert local_cpus(5, cores=16) == 16
+
+
+def test_rays_meaningless_lines_stay_off_the_screen():
+    """Issue 26.6: every local run printed Ray Data's "no available CPUs ... will hang" (nothing hangs: the run
+    keeps a CPU for Ray Data), its "execution finished" after every pass and Ray Train's own use of a deprecated
+    ExecutionOptions argument; other warnings and lines still show."""
+    import logging
+    import warnings
+
+    from ray.data import ExecutionOptions
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    from proco_ray.launch.cluster import quiet_ray_process
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        quiet_ray_process()  # after a reset of the filters, as in a fresh worker
+        ExecutionOptions(exclude_resources=ExecutionResources.zero())
+        warnings.warn("another deprecation", DeprecationWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["another deprecation"]
+    lines = {
+        "ray.data.dataset": [
+            "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang unless ...",
+            "a warning that matters",
+        ],
+        "ray.data._internal.execution.streaming_executor": [
+            "\u2714\ufe0f  Dataset train_035A9 execution finished in 4.38 seconds",
+            "\u26a0\ufe0f  Dataset train_035A9 execution failed",
+        ],
+    }
+    seen: list[str] = []
+    handler = logging.Handler()  # Ray's loggers do not propagate to the root
+    handler.emit = lambda record: seen.append(record.getMessage())
+    for name, messages in lines.items():
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            for message in messages:
+                logger.warning(message)
+        finally:
+            logger.removeHandler(handler)
+    assert seen == ["a warning that matters", "\u26a0\ufe0f  Dataset train_035A9 execution failed"]

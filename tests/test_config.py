@@ -4,7 +4,7 @@ import pytest
 
 from proco_ray.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "proco_ray" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -29,8 +29,48 @@ def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
 
 def test_a_retired_key_is_dropped_from_old_configs_and_refused_when_it_would_matter():
     assert load_config(None, ["data.resample=false"]).to_dict() == load_config(None).to_dict()
-    with pytest.raises(ConfigError, match="'data.resample' was removed: .*proco_resample"):
+    with pytest.raises(ConfigError, match="'data.resample' was removed: .*ce_resample, cl_resample, proco"):
         load_config(None, ["data.resample=true"])
+
+
+def test_a_run_config_states_how_it_trains():
+    """Issue 26.1: `proco` is ProCo as selected; every auto is resolved in the config a run saves."""
+    from proco_ray.method.registry import resolved
+
+    def explicit(*overrides: str, path: str | None = None) -> tuple[str, str, str]:
+        config = resolved(load_config(path, list(overrides)))
+        return config.method.sampling, config.method.proto_form, config.data.augmentation
+
+    assert explicit() == ("class_balanced", "split", "supervised")
+    assert explicit("method.name=proco_paper") == ("instance_balanced", "eq7", "moco_v2")
+    assert explicit("method.sampling=instance_balanced") == ("instance_balanced", "split", "supervised")
+    assert explicit("method.name=ce") == ("instance_balanced", "split", "supervised")
+    assert explicit("method.name=cl_resample") == (
+        "pretrain:instance_balanced,linear:class_balanced",
+        "split",
+        "pretrain:moco_v2,linear:supervised",
+    )
+    # the retired name keeps its meaning of the time: class-balanced, Eq. 7, MoCo v2's views, unless set
+    assert explicit("method.name=proco_resample") == ("class_balanced", "eq7", "moco_v2")
+    assert explicit("method.name=proco_resample", "method.proto_form=split", "data.augmentation=supervised") == explicit()
+    with pytest.raises(ConfigError, match="method 'ce' trains on instance_balanced batches"):
+        resolved(load_config(None, ["method.name=ce", "method.sampling=class_balanced"]))
+    with pytest.raises(ConfigError, match="method.name must be one of"):
+        resolved(load_config(None, ["method.name=proco_v2"]))
+    for name in ("cpu-small", "cpu-32px", "gpu-64px", "isic2018", "aptos2019"):
+        assert load_config(name).method.name == "proco" and explicit(path=name) == explicit()
+
+
+def test_a_resolved_config_reloads_as_the_same_run(tmp_path):
+    from proco_ray.config import save_config
+    from proco_ray.method.registry import resolved
+
+    for name in ("proco", "proco_paper", "cl_resample", "ce"):
+        config = resolved(load_config(None, [f"method.name={name}"]))
+        save_config(config, tmp_path / "config.yaml")
+        text = (tmp_path / "config.yaml").read_text()
+        assert ": auto" not in text
+        assert resolved(load_config(tmp_path / "config.yaml")) == config
 
 
 def test_wrong_types_and_malformed_overrides():

@@ -14,7 +14,9 @@ from proco_ray.data.manifest import read_manifest
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.data.synthetic import write_image_folder
 from proco_ray.errors import DataError
-from proco_ray.launch.trainer import build_trainer, fit, summarise
+from proco_ray.evaluation.evaluate import best_checkpoint
+from proco_ray.inference.export import export
+from proco_ray.launch.trainer import build_trainer, fit, summarise, write_run_file
 from proco_ray.storage.s3 import resolve
 
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -50,7 +52,7 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
             [
                 "evaluate",
                 "--checkpoint",
-                summary["best_checkpoint"],
+                summary["run"],  # issue 26.2: a run folder stands for its best checkpoint (here from Ray Train's snapshot)
                 "--data",
                 uri,
                 "--split",
@@ -63,6 +65,7 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
         == 0
     )
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"] == summary["best_checkpoint"]
     assert sum(metrics["support"]) == read_manifest(uri).num_rows("test")
     assert metrics["class_names"] == ["class_0", "class_1", "class_2"]
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (out / "reliability.png").stat().st_size > 1000
@@ -73,7 +76,7 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     args = [
         "predict",
         "--checkpoint",
-        summary["best_checkpoint"],
+        summary["run"],
         "--input",
         str(prepared / "source"),
         "--output",
@@ -81,6 +84,10 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     ]
     assert main([*args, "--calibrated"]) == 0  # the temperature evaluate saved beside the checkpoint on S3
     assert pq.read_table(predictions / "predictions.parquet").num_rows == 64
+    write_run_file(config, "summary.json", json.dumps(summary).encode())
+    assert best_checkpoint(summary["run"]) == summary["best_checkpoint"]
+    exported = export(summary["run"] + "/", str(tmp_path / "exported"))
+    assert exported["checkpoint"] == summary["best_checkpoint"] and exported["temperature"] == metrics["temperature"]
 
 
 def test_bad_data_settings_are_refused_before_training(ray_local, prepared, tmp_path):

@@ -182,18 +182,25 @@ def test_each_method_reads_its_augmentation_and_views():
     from proco_ray.engine.feeds import TrainInput
     from proco_ray.method.registry import METHODS, train_input
 
-    def inputs(name: str, augmentation: str = "auto") -> list[TrainInput]:
-        return [train_input(stage, augmentation) for stage in METHODS[name].stages_for(MethodConfig(name=name), 10)]
+    def inputs(name: str, augmentation: str = "auto", **method: str) -> list[TrainInput]:
+        stages = METHODS[name].stages_for(MethodConfig(name=name, **method), 10)
+        return [train_input(stage, augmentation) for stage in stages]
 
-    assert inputs("proco") == [TrainInput(False, "moco_v2", 2)]
-    assert inputs("proco_resample") == [TrainInput(True, "moco_v2", 2)]
+    assert inputs("proco") == [TrainInput(True, "supervised", 2)]
+    assert inputs("proco_paper") == [TrainInput(False, "moco_v2", 2)]
+    assert inputs("proco", sampling="instance_balanced") == [TrainInput(False, "supervised", 2)]
     for single in ("ce", "focal", "ldam_drw", "ohem"):
         assert inputs(single) == [TrainInput(False, "supervised", 1)]
     assert inputs("ce_resample") == [TrainInput(True, "supervised", 1)]
     assert inputs("cl_resample") == [TrainInput(False, "moco_v2", 2), TrainInput(True, "supervised", 1)]
+    assert inputs("cl", "pretrain:supervised,linear:none") == [TrainInput(False, "supervised", 2), TrainInput(False, "none", 1)]
     assert inputs("ce", "moco_v2") == [TrainInput(False, "moco_v2", 1)]
     with pytest.raises(ValueError, match="data.augmentation must be 'auto' or one of"):
         inputs("ce", "randaugment")
+    with pytest.raises(ValueError, match="method 'ce' trains on instance_balanced batches; method.sampling applies to proco"):
+        inputs("ce", sampling="class_balanced")
+    with pytest.raises(ValueError, match="names no value for stage 'linear'"):
+        inputs("cl", "pretrain:moco_v2")
 
 
 META_CASES = (

@@ -22,7 +22,7 @@ from proco_ray.data.decode import decode_image
 from proco_ray.data.prepare import PrepareOptions, prepare, reencode
 from proco_ray.engine.checkpoint import save_checkpoint
 from proco_ray.errors import DataError
-from proco_ray.evaluation.evaluate import read_checkpoint, restore_model
+from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint, restore_model
 from proco_ray.inference.export import export, export_program, inference_module
 from proco_ray.inference.predict import predict, preprocessing_of
 from proco_ray.method.registry import build_method
@@ -67,7 +67,9 @@ def test_predicts_every_readable_image_and_lists_the_unreadable(trained):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert table["predicted"].to_pylist() == [["common", "rare", "scarce"][k] for k in probs.argmax(1)]
     unreadable = pacsv.read_csv(out / "unreadable.csv").to_pylist()
-    assert len(unreadable) == 1 and unreadable[0]["path"].endswith("rare/broken.jpg") and unreadable[0]["error"]
+    assert len(unreadable) == 1 and unreadable[0]["path"].endswith("rare/broken.jpg")
+    # issue 26.7: the file and the problem, not PIL's memory address of the buffer it read
+    assert unreadable[0]["error"] == "broken.jpg: not an image format PIL can read (unknown format, or a damaged or empty file)"
     assert (out / "predictions.csv").is_file()
     with pytest.raises(DataError, match="already holds .* pass --overwrite"):
         predict(str(trained["checkpoint"]), str(trained["images"]), str(out))
@@ -211,6 +213,25 @@ def test_export_on_real_isic_images_equals_the_checkpoint(trained, shared_data, 
         exported = program(torch.from_numpy(unit)).softmax(1)
     assert exported.shape == (len(images), 3)
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint(trained, tmp_path, capsys):
+    """Issue 26.2: --checkpoint RUN_FOLDER takes the checkpoint summary.json calls best, found by name inside the
+    folder (a run folder that was moved still works); a folder without checkpoints is a one-line error."""
+    run = tmp_path / "moved-run"
+    best = run / "checkpoint_2026-01-01_00-00-02.000000"
+    shutil.copytree(trained["checkpoint"], best)
+    shutil.copytree(trained["checkpoint"], run / "checkpoint_2026-01-01_00-00-01.000000")
+    summary = {"best_checkpoint": f"/elsewhere/old-run/{best.name}", "run": "/elsewhere/old-run"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert best_checkpoint(str(run)) == str(best) and best_checkpoint(str(best)) == str(best)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "model.json").read_text())["checkpoint"] == str(best)
+    shutil.rmtree(best)
+    assert main(["predict", "--checkpoint", str(run), "--input", str(trained["images"]), "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"proco-ray predict: error: run folder {run} holds no checkpoint") and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()
 
 
 def test_export_refuses_an_occupied_output_and_replaces_only_its_own(trained, tmp_path, capsys):

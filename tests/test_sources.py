@@ -149,6 +149,18 @@ def test_medmnist_reader_any_subset_of_splits(tmp_path, datagen):
     assert gray.classes[0].startswith("actinic") and len(gray.classes) == 7
 
 
+def test_a_folder_holding_a_medmnist_npz_says_to_pass_the_file(tmp_path, datagen):
+    """Issue 26.7: the folder answered "no images in class folders", which hid the .npz beside it."""
+    datagen.medmnist(tmp_path / "retinamnist" / "retinamnist_28.npz", {"train": 20, "val": 10})
+    folder = tmp_path / "retinamnist"
+    with pytest.raises(DataError) as refused:
+        read_source(str(folder))
+    assert str(refused.value) == (
+        f"{folder}: no images in class folders, but 1 MedMNIST .npz archive(s): retinamnist_28.npz; "
+        f"pass the file itself, e.g. proco-ray prepare {folder / 'retinamnist_28.npz'} OUTPUT"
+    )
+
+
 def test_medmnist_rejects_bad_arrays(tmp_path):
     images = np.zeros((4, 8, 8, 3), np.uint8)
     np.savez(tmp_path / "a.npz", train_images=images, train_labels=np.zeros((3, 1), np.uint8))

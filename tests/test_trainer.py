@@ -48,9 +48,11 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(ray_local, tmp_
     with one.checkpoint.as_directory() as a_dir, two.checkpoint.as_directory() as b_dir:
         a, b = load_checkpoint(a_dir), load_checkpoint(b_dir)
     assert a["epoch"] == b["epoch"] == 2
-    for key in ("queue.feats", "queue.labels", "queue.preds", "queue.ptr", "recalibration.weights"):
+    for key in ("queue.labels", "queue.preds", "queue.ptr", "recalibration.weights"):
         torch.testing.assert_close(a["method"][key], b["method"][key], rtol=1e-4, atol=1e-5, msg=key)
-    # six SGD steps amplify float32 reduction-order differences (gradient all-reduce vs one big batch)
+    # six SGD steps amplify float32 reduction-order differences (gradient all-reduce vs one big batch); the
+    # queue's keys come from the momentum encoder of those weights (class-balanced batches: up to 2e-5 apart)
+    torch.testing.assert_close(a["method"]["queue.feats"], b["method"]["queue.feats"], rtol=1e-3, atol=1e-4)
     for key, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][key], rtol=1e-3, atol=1e-3, msg=key)
     assert one.metrics["train/loss"] == pytest.approx(two.metrics["train/loss"], rel=1e-4)

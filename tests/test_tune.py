@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proco_ray.config import ConfigError, load_config, parse_overrides
+from proco_ray.config import ConfigError, load_config, merge, parse_overrides
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.experiments.spec import (
     CONFIG_TUNE_DIR,
@@ -107,6 +107,32 @@ def test_shipped_experiments_validate():
     from proco_ray.method.registry import METHODS
 
     assert {v["method.name"] for v in load_experiment("baselines").variants.values()} == set(METHODS)
+
+
+def test_shipped_experiments_train_what_their_variants_say():
+    """Issue 26.1: `proco` is ProCo as selected without overrides; the experiments keep the meaning of their rows."""
+    from proco_ray.method.registry import resolved
+
+    def how(name: str) -> dict[str, tuple[str, str, str]]:
+        experiment = load_experiment(name)
+        base = base_tree(load_config(experiment.base).to_dict(), experiment)
+        configs = [resolved(trial_config(base, experiment.variants, {"variant": v})) for v in experiment.variants]
+        return {v: (c.method.sampling, c.method.proto_form, c.data.augmentation) for v, c in zip(experiment.variants, configs)}
+
+    selected, paper = ("class_balanced", "split", "supervised"), ("instance_balanced", "eq7", "moco_v2")
+    assert how("compare")["proco"] == how("baselines")["proco"] == selected
+    assert how("compare")["proco_paper"] == how("baselines")["proco_paper"] == paper
+    assert how("compare")["ce"] == ("instance_balanced", "split", "supervised")
+    assert set(how("ablation").values()) == set(how("proco-momentum").values()) == {selected}
+    assert how("proco-levers") == {
+        "proco_resample": ("class_balanced", "eq7", "moco_v2"),
+        "proco_supervised": ("instance_balanced", "eq7", "supervised"),
+        "proco_resample_supervised": ("class_balanced", "eq7", "supervised"),
+        "split_resample": ("class_balanced", "split", "moco_v2"),
+        "split_resample_supervised": selected,
+    }
+    assert how("proco-la")["proco_la"] == ("instance_balanced", "split", "supervised")
+    assert how("proco-loss")["eq7_tau1"] == paper
 
 
 def test_trial_config_layers_variant_then_parameters():
@@ -308,7 +334,8 @@ def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp
             "asha": {"grace_period": 1, "reduction_factor": 2},
         }
     )
-    result = sweep(experiment, tiny_base(experiment, 2), name="asha", storage_path=str(tmp_path), feed_factory=FEED)
+    base = merge(tiny_base(experiment, 2), {"method": {"name": "proco_paper"}})  # whose loss lr 1e-5 barely moves
+    result = sweep(experiment, base, name="asha", storage_path=str(tmp_path), feed_factory=FEED)
     epochs = {r.params["optim.lr"]: [] for r in result.records}
     for r in result.records:
         assert r.error is None, r.error

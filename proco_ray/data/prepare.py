@@ -31,7 +31,7 @@ from proco_ray.data.decode import RAW
 from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest, Shard, write_manifest
 from proco_ray.data.sources import KINDS, Source, listing, read_source
 from proco_ray.data.splits import MODES, make_split, split_counts
-from proco_ray.errors import DataError
+from proco_ray.errors import DataError, image_problem
 from proco_ray.storage.s3 import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
 
 MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
@@ -116,7 +116,7 @@ def encode_batch(
             errors.append("")
         except Exception as error:  # any failure to decode in-memory bytes means a bad image
             images.append(b"")
-            errors.append(f"{type(error).__name__}: {error}")
+            errors.append(image_problem(error))
     return pa.table(
         {
             "image": pa.array(images, pa.binary()),

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from proco_ray.errors import DataError
-from proco_ray.storage.s3 import list_files, resolve, storage_errors
+from proco_ray.storage.s3 import join, list_files, resolve, storage_errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
@@ -449,6 +449,12 @@ def read_imagefolder(
         records.append(Record(rel, label, path=info.path, group=(groups or {}).get(rel)))
         entries.append((rel, info.size, label))
     if not records:
+        archives = sorted(_rel(i.path, root) for i in infos if i.type == pafs.FileType.File and i.path.endswith(".npz"))
+        if archives:
+            raise DataError(
+                f"{uri}: no images in class folders, but {len(archives)} MedMNIST .npz archive(s): {', '.join(archives)}; "
+                f"pass the file itself, e.g. proco-ray prepare {join(uri, archives[0])} OUTPUT"
+            )
         raise DataError(f"{uri}: no images in class folders (layout: root/<class>/<image>.jpg)")
     records.sort(key=lambda r: r.id)
     check_classes_present(names, (r.label for r in records), uri)

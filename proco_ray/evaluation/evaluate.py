@@ -16,7 +16,7 @@ from proco_ray.config import config_from_dict
 from proco_ray.data.augment import eval_view
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import build_dataset
-from proco_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from proco_ray.engine.checkpoint import CHECKPOINT_FILE, CHECKPOINT_HELP, CheckpointError, load_checkpoint
 from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
 from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.method.registry import build_method
@@ -29,6 +29,37 @@ from proco_ray.metrics import (
     roc_auc_one_vs_rest,
 )
 from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
+
+
+def best_checkpoint(uri: str) -> str:
+    """The checkpoint `uri` names: itself when it holds checkpoint.pt, else, for a run folder, the checkpoint
+    summary.json calls best, or the best of those Ray Train registered (highest validation score).
+
+    Checkpoints are looked up by name inside `uri`, so a run folder that was moved or copied still works.
+    """
+    from proco_ray.launch.trainer import CHECKPOINT_METRIC, RAY_TRAIN_SNAPSHOT
+
+    uri = uri.rstrip("/")
+    with storage_errors(uri):
+        if read_bytes(join(uri, CHECKPOINT_FILE)) is not None:
+            return uri
+        summary = read_bytes(join(uri, "summary.json"))
+        snapshot = read_bytes(join(uri, RAY_TRAIN_SNAPSHOT))
+    candidates: list[str] = []
+    if summary is not None and json.loads(summary).get("best_checkpoint"):
+        candidates.append(json.loads(summary)["best_checkpoint"].rstrip("/").rsplit("/", 1)[-1])
+    if snapshot is not None:
+        registered = [r for r in json.loads(snapshot).get("checkpoint_results", []) if r.get("checkpoint_dir_name")]
+        registered.sort(key=lambda r: r.get("metrics", {}).get(CHECKPOINT_METRIC, float("-inf")), reverse=True)
+        candidates += [r["checkpoint_dir_name"] for r in registered]
+    for name in candidates:
+        if read_bytes(join(uri, name, CHECKPOINT_FILE)) is not None:
+            return join(uri, name)
+    if summary is None and snapshot is None:
+        raise CheckpointError(
+            f"no {CHECKPOINT_FILE} in {uri}, and it is not a run folder (it has no summary.json or {RAY_TRAIN_SNAPSHOT})"
+        )
+    raise CheckpointError(f"run folder {uri} holds no checkpoint: none of {candidates or 'its registered checkpoints'} is there")
 
 
 @contextlib.contextmanager
@@ -111,6 +142,7 @@ def evaluate_checkpoint(
     """Metrics of a checkpoint on one split of a prepared dataset; with `calibrate_on`, also the temperature
     fitted on that split and the ECE after scaling by it."""
     manifest = read_manifest(data_uri)
+    checkpoint_uri = best_checkpoint(checkpoint_uri)
     state = read_checkpoint(checkpoint_uri)
     if list(state["class_names"]) != manifest.classes:
         raise CheckpointError(
@@ -138,7 +170,7 @@ def evaluate_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--data", required=True, help="prepared dataset URI (local or s3://)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--out", default="eval", help="folder for the confusion-matrix PNG and the per-class tables")
@@ -171,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     written += [out / "per_class.md", out / "metrics.json"]
     if args.calibrate:
         temperature = {"temperature": metrics["temperature"], "fitted_on": f"{args.data} {args.calibrate}"}
-        written.append(write_bytes(join(args.checkpoint, TEMPERATURE_FILE), json.dumps(temperature, indent=2).encode()))
+        written.append(write_bytes(join(metrics["checkpoint"], TEMPERATURE_FILE), json.dumps(temperature, indent=2).encode()))
+    print(f"checkpoint: {metrics['checkpoint']} (epoch {metrics['epoch']})")
     print(markdown_table(rows))
     headline = ["accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc", "ece", "temperature", "ece_calibrated"]
     print(" | ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics))

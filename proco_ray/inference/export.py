@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from proco_ray.data.decode import RAW
+from proco_ray.engine.checkpoint import CHECKPOINT_HELP
 from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"
@@ -93,8 +94,9 @@ def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | No
 
 def export(checkpoint_uri: str, out_uri: str, overwrite: bool = False) -> dict[str, Any]:
     """Write `model.pt2` and `model.json` for the checkpoint at `checkpoint_uri` into `out_uri` (local or s3://)."""
-    from proco_ray.evaluation.evaluate import read_checkpoint, saved_temperature
+    from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint, saved_temperature
 
+    checkpoint_uri = best_checkpoint(checkpoint_uri)
     state = read_checkpoint(checkpoint_uri)
     temperature = saved_temperature(checkpoint_uri)
     out_fs, out_path = resolve(out_uri)
@@ -121,7 +123,7 @@ def export(checkpoint_uri: str, out_uri: str, overwrite: bool = False) -> dict[s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="folder or s3:// prefix for model.pt2 and model.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 

@@ -28,7 +28,8 @@ from proco_ray.data.decode import decode_image
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
-from proco_ray.errors import DataError
+from proco_ray.engine.checkpoint import CHECKPOINT_HELP
+from proco_ray.errors import DataError, image_problem
 from proco_ray.storage.s3 import claim_output, join, list_files, resolve, storage_errors, write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -82,7 +83,7 @@ def preprocess_batch(
             errors.append("")
         except Exception as error:  # any failure to decode the bytes read means a bad image
             images.append(None)
-            errors.append(f"{type(error).__name__}: {error}")
+            errors.append(f"{path.rsplit('/', 1)[-1]}: {image_problem(error)}")
     pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         if image is not None:
@@ -166,8 +167,9 @@ def predict(
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
 
-    from proco_ray.evaluation.evaluate import read_checkpoint
+    from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint
 
+    checkpoint_uri = best_checkpoint(checkpoint_uri)
     state = read_checkpoint(checkpoint_uri)
     prep = preprocessing_of(state)
     class_names = list(state["class_names"])
@@ -249,7 +251,7 @@ def predict(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--input", required=True, help="folder or s3:// prefix of images, or a prepared dataset with --split")
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for predictions.parquet (and unreadable.csv)")
     parser.add_argument("--split", help="predict this split of the prepared dataset given as --input (default: input is images)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 
 import ray
@@ -50,6 +51,42 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
     return recorded
 
 
+# Lines Ray prints on every local run that say nothing to a user of this project, by the logger that prints
+# them: Ray Data's "no available CPUs, the Dataset job will hang" (the run holds its workers' CPUs by design and
+# keeps one for Ray Data, so nothing hangs) and its "Dataset ... execution finished in N seconds" after every
+# pass over a split (each epoch, in every worker); and Ray Train's own use of a deprecated Ray Data option.
+DROPPED_LINES = {
+    "ray.data.dataset": r"Warning: The Ray cluster currently does not have any available CPUs",
+    "ray.data._internal.execution.streaming_executor": r"\S+\s+Dataset \S+ execution finished in ",
+}
+EXCLUDE_RESOURCES_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(str(record.msg))
+
+
+def quiet_ray_process() -> None:
+    """Keep Ray's meaningless lines (above) off the screen, in this process; the local Ray runs it in every
+    worker as its `worker_process_setup_hook`."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
+    ray.data.DataContext.get_current().print_on_execution_start = False  # "Starting execution of Dataset ..." and its plan
+    for name, pattern in DROPPED_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(pattern))
+
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller from the driver's environment
 LOCAL_EXTRA_CPUS = 1  # one logical CPU beyond the cores, for Ray Data beside workers that use every core
 
 
@@ -73,14 +110,23 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     Returns True when a local Ray was started here. Ray Data's announcement of every execution and its
     plan (two INFO lines per prepare phase, evaluation pass and prediction) is turned off in this process.
     """
-    ray.data.DataContext.get_current().print_on_execution_start = False
+    quiet_ray_process()
     if ray.is_initialized():
         return False
     address = cluster_address() if join_existing else None
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=local_cpus(min_cpus), include_dashboard=True, dashboard_host="127.0.0.1")
+    # Ray Train's PreemptionWatcher follows the draining of spot nodes, which a local Ray never has; it only
+    # printed a core_worker error line about its own restart policy on every run.
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")
+    ray.init(
+        address="local",
+        num_cpus=local_cpus(min_cpus),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_process"},
+    )
     return True
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,11 @@ from proco_ray.engine.distributed import process_group_backend
 from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
 from proco_ray.engine.loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
-from proco_ray.method.registry import METHODS, train_input
+from proco_ray.launch.run_claim import claimed, storage_gone
+from proco_ray.method.registry import METHODS, resolved, train_input
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
+ON_INTERRUPT = "rerun the same command to resume from the run's latest checkpoint"  # printed by the CLI on Ctrl-C
 TRAIN_PREFIX = "train_"  # training datasets are named by TrainInput.dataset: train_shuffled, train_resampled
 CHECKPOINT_METRIC = CHECKPOINT_SCORE
 
@@ -353,15 +356,17 @@ def write_run_file(config: Config, filename: str, data: bytes) -> str:
 
 
 def save_resolved_config(config: Config) -> str:
-    """The resolved config, so that a run can be repeated and evaluated from its folder."""
+    """The resolved config (no `auto` left: it states the sampling, augmentation and proto-loss form the method
+    chose), so that a run can be repeated and evaluated from its folder."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "config.yaml"
-        save_config(config, local)
+        save_config(resolved(config), local)
         return write_run_file(config, "config.yaml", local.read_bytes())
 
 
 def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Result:
     """Train on the connected Ray cluster; rerunning with the same train.name and storage resumes."""
+    config = resolved(config)
     check_resources(config, streams_data=feed_factory is None)
     check_paths_reach_every_node(
         {"data.uri": config.data.uri if feed_factory is None else "", "train.storage_path": config.train.storage_path},
@@ -370,7 +375,17 @@ def fit(config: Config, feed_factory: FeedFactory | None = None) -> ray.train.Re
     )
     trainer = build_trainer(config, feed_factory)
     save_resolved_config(config)
+    announce_resume(config)
     return fit_and_tidy(trainer, config)
+
+
+def announce_resume(config: Config) -> None:
+    """Say so when this run picks up an earlier one of the same name (Ray Train resumes it silently)."""
+    storage_path, filesystem = run_storage(config.train.storage_path)
+    done = resumed_epoch(f"{storage_path}/{config.train.name}", filesystem)
+    if done:
+        run = join(config.train.storage_path, config.train.name)
+        print(f"resuming run {run} from its latest checkpoint: epoch {done} of {config.optim.epochs} done", flush=True)
 
 
 def fit_and_tidy(trainer: TorchTrainer, config: Config) -> ray.train.Result:
@@ -418,20 +433,55 @@ def storage_uri(path: str, config: Config) -> str:
     return path
 
 
+def fit_or_explain(config: Config) -> ray.train.Result:
+    """`fit` for the command line: Ctrl-C raises KeyboardInterrupt (exit 130; rerunning resumes), and a run whose
+    storage went away is reported in one line that says how to resume.
+
+    Ray Train takes over SIGINT when fit runs in the main thread and then exits the process with status 1
+    and no message; run in a thread, it leaves SIGINT to this process.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fit(config)
+        except BaseException as error:  # handed to the main thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="proco-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    try:
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    except Exception:
+        gone = storage_gone(config)
+        if gone is None:
+            raise
+        raise gone from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="isic2018.yaml", help="YAML file, or a name from configs/ (default isic2018.yaml)")
+    parser.add_argument(
+        "--config",
+        default="isic2018.yaml",
+        help="YAML file, or a shipped config's name (proco_ray/configs; default isic2018.yaml)",
+    )
     parser.add_argument("--data", help="prepared dataset URI (sets data.uri)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.num_workers=4")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.uri={args.data}"] if args.data else [])
-    config = load_config(args.config, overrides)
+    config = resolved(load_config(args.config, overrides))
     if not config.data.uri:
         raise ConfigError("no dataset: pass --data URI or set data.uri (prepare one with proco-ray prepare)")
     check_manifest(config, read_manifest(config.data.uri))  # before Ray starts: a bad --data fails in a second
-    connect_or_start_ray(min_cpus=config.run_resources()["CPU"])
-    summary = json.dumps(summarise(fit(config), config), indent=2, default=str)
+    with claimed(config):  # before Ray starts too: a second live run of this name is refused at once
+        connect_or_start_ray(min_cpus=config.run_resources()["CPU"])
+        summary = json.dumps(summarise(fit_or_explain(config), config), indent=2, default=str)
     print(summary)
     print(f"summary written to {write_run_file(config, 'summary.json', summary.encode())}")
     return 0

@@ -273,8 +273,12 @@ def _experiment_from_definition(values: Mapping[str, Any]) -> Experiment:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, help="hparams, ablation, baselines (configs/tune/) or a YAML path")
-    parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
+    parser.add_argument(
+        "--experiment",
+        required=True,
+        help="a shipped experiment's name (proco_ray/configs/tune: hparams, ablation, baselines, ...) or a YAML path",
+    )
+    parser.add_argument("--config", help="base config, a YAML file or a shipped config's name (default: the experiment's 'base')")
     parser.add_argument("--data", help="prepared dataset URI (sets data.uri)")
     parser.add_argument("--name", help="experiment folder name (default: <train.name>-<experiment name>)")
     parser.add_argument("--storage", help="where experiments live (default: train.storage_path)")

@@ -8,6 +8,7 @@ calls `training_loss` and knows nothing of the maths.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.config import Config, ConfigError, MethodConfig, ModelConfig
 from proco_ray.data.augment import AUGMENTATIONS
 from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.engine import distributed
@@ -45,24 +46,52 @@ Batch = dict[str, Tensor]
 PROCO_LOSSES = ("proto", "ce", "infonce")
 
 
+CLASS_BALANCED = "class_balanced"
+INSTANCE_BALANCED = "instance_balanced"
+SAMPLINGS = (CLASS_BALANCED, INSTANCE_BALANCED)
+AUTO = "auto"  # the default of method.sampling, method.proto_form and data.augmentation: the method's own choice
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A phase of training with its own epochs, sampling, views and trainable parameters."""
+    """A phase of training with its own epochs, sampling, views, augmentation and trainable parameters."""
 
     name: str
     epochs: int
     resample: bool
     two_views: bool = False
+    augmentation: str = "supervised"  # what the stage reads when data.augmentation is auto
+
+    @property
+    def sampling(self) -> str:
+        return CLASS_BALANCED if self.resample else INSTANCE_BALANCED
 
 
-def train_input(stage: Stage, augmentation: str = "auto") -> TrainInput:
-    """What a stage reads. `auto` (data.augmentation's default): MoCo v2's views for two-view stages
-    (ProCo, CL pre-training), the standard supervised augmentation for single-view ones."""
-    if augmentation == "auto":
-        augmentation = "moco_v2" if stage.two_views else "supervised"
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"data.augmentation must be 'auto' or one of {sorted(AUGMENTATIONS)}, got '{augmentation}'")
-    return TrainInput(stage.resample, augmentation, 2 if stage.two_views else 1)
+def stage_value(value: str, stage: str, key: str) -> str | None:
+    """A per-stage setting: None for auto, `x` for every stage, or this stage's entry of `pretrain:x,linear:y`."""
+    if value == AUTO:
+        return None
+    if ":" not in value:
+        return value
+    entries = dict(entry.strip().split(":", 1) for entry in value.split(",") if ":" in entry)
+    if stage not in entries:
+        raise ValueError(f"{key}='{value}' names no value for stage '{stage}' (write {stage}:VALUE, or one value for all stages)")
+    return entries[stage].strip()
+
+
+def per_stage(values: dict[str, str]) -> str:
+    """The explicit form of per-stage values: one value when every stage has it, else `stage:value,...`."""
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else ",".join(f"{stage}:{value}" for stage, value in values.items())
+
+
+def train_input(stage: Stage, augmentation: str = AUTO) -> TrainInput:
+    """What a stage reads. `augmentation` is data.augmentation: auto (the stage's own, chosen by the method),
+    one augmentation for every stage, or per stage (`pretrain:moco_v2,linear:supervised`)."""
+    chosen = stage_value(augmentation, stage.name, "data.augmentation") or stage.augmentation
+    if chosen not in AUGMENTATIONS:
+        raise ValueError(f"data.augmentation must be 'auto' or one of {sorted(AUGMENTATIONS)}, got '{chosen}'")
+    return TrainInput(stage.resample, chosen, 2 if stage.two_views else 1)
 
 
 @dataclass
@@ -80,7 +109,10 @@ class Method(nn.Module):
     """Base class: single-stage, instance-balanced, all parameters trainable, logits from `classify`."""
 
     name = ""
-    resample = False
+    sampling = INSTANCE_BALANCED  # the method's own batches (its last stage's, for CL)
+    sampling_switch = False  # whether method.sampling may change them (ProCo); the others name it: ce / ce_resample
+    augmentation = "supervised"  # the method's own single-view augmentation
+    proto_form = "split"  # method.proto_form when auto (only ProCo's proto-loss reads it)
     two_views = False
     find_unused_parameters = False
     adjusts_logits = False  # honours method.logit_adjustment
@@ -112,9 +144,26 @@ class Method(nn.Module):
         return Classifier(self.num_classes, self.model_cfg)
 
     @classmethod
+    def own_stages(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
+        """The stages with the method's own sampling and augmentation."""
+        return [Stage("main", epochs, cls.sampling == CLASS_BALANCED, cls.two_views, cls.augmentation)]
+
+    @classmethod
     def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
-        """The stages of a run of `epochs` epochs, known before any network is built."""
-        return [Stage("main", epochs, cls.resample, cls.two_views)]
+        """The stages of a run of `epochs` epochs, known before any network is built, with method.sampling applied."""
+        stages = []
+        for stage in cls.own_stages(cfg, epochs):
+            chosen = stage_value(cfg.sampling, stage.name, "method.sampling") or stage.sampling
+            if chosen not in SAMPLINGS:
+                raise ValueError(f"method.sampling must be 'auto' or one of {list(SAMPLINGS)}, got '{chosen}'")
+            if chosen != stage.sampling and not cls.sampling_switch:
+                switchable = sorted(name for name, method in METHODS.items() if method.sampling_switch)
+                raise ValueError(
+                    f"method '{cls.name}' trains on {stage.sampling} batches; method.sampling applies to "
+                    f"{', '.join(switchable)} only (the others name their sampling: ce / ce_resample, cl / cl_resample)"
+                )
+            stages.append(dataclasses.replace(stage, resample=chosen == CLASS_BALANCED))
+        return stages
 
     def stages(self, epochs: int) -> list[Stage]:
         return self.stages_for(self.cfg, epochs)
@@ -155,7 +204,7 @@ class CrossEntropyResample(CrossEntropy):
     """CE with class-balanced sampling (the sampling itself lives in the data pipeline)."""
 
     name = "ce_resample"
-    resample = True
+    sampling = CLASS_BALANCED
 
 
 class Focal(Method):
@@ -269,11 +318,16 @@ class SupConLinear(Method):
         return Classifier(self.num_classes, self.model_cfg, projector=True, probe_norm=self.cfg.linear_probe_norm)
 
     @classmethod
-    def stages_for(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
+    def own_stages(cls, cfg: MethodConfig, epochs: int) -> list[Stage]:
+        """SupCon pre-training on instance-balanced batches of MoCo v2's views, then the linear classifier on the
+        method's own sampling and the supervised augmentation."""
         if epochs < 2:
             raise ValueError(f"method '{cls.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
         pretrain = min(max(1, round(cfg.pretrain_fraction * epochs)), epochs - 1)
-        return [Stage("pretrain", pretrain, False, True), Stage("linear", epochs - pretrain, cls.resample)]
+        return [
+            Stage("pretrain", pretrain, False, True, "moco_v2"),
+            Stage("linear", epochs - pretrain, cls.sampling == CLASS_BALANCED, False, cls.augmentation),
+        ]
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
         inner = unwrap(model)
@@ -301,13 +355,22 @@ class SupConLinearResample(SupConLinear):
     """CL+resample: class-balanced sampling in the linear stage."""
 
     name = "cl_resample"
-    resample = True
+    sampling = CLASS_BALANCED
 
 
 class ProCo(Method):
-    """ProCo (MICCAI 2022): proto-loss over the queue, the batch's keys, proto-instances and recalibrated logits."""
+    """ProCo (MICCAI 2022): proto-loss over the queue, the batch's keys, proto-instances and recalibrated logits.
+
+    `proco` is ProCo as selected on validation (docs/results.md): class-balanced batches, the split proto-loss
+    and two views of the supervised augmentation; `proco_paper` is the paper's literal form. Every part stays a
+    switch: method.sampling, method.proto_form, data.augmentation and the ablation switches.
+    """
 
     name = "proco"
+    sampling = CLASS_BALANCED
+    sampling_switch = True
+    augmentation = "supervised"
+    proto_form = "split"
     two_views = True
     adjusts_logits = True
 
@@ -321,8 +384,9 @@ class ProCo(Method):
             raise ValueError(f"method.eps_max (E) must lie in [0, 1), got {cfg.eps_max}")
         if cfg.tau <= 0 or cfg.infonce_temperature <= 0:
             raise ValueError(f"method.tau and method.infonce_temperature must be > 0, got {cfg.tau}, {cfg.infonce_temperature}")
-        if cfg.proto_form not in PROTO_FORMS:
-            raise ValueError(f"method.proto_form must be one of {PROTO_FORMS}, got '{cfg.proto_form}'")
+        self.form = type(self).proto_form if cfg.proto_form == AUTO else cfg.proto_form
+        if self.form not in PROTO_FORMS:
+            raise ValueError(f"method.proto_form must be 'auto' or one of {PROTO_FORMS}, got '{cfg.proto_form}'")
         if cfg.queue_size < 0:
             raise ValueError(f"method.queue_size must be >= 0, got {cfg.queue_size}")
         self.find_unused_parameters = cfg.loss == "ce"
@@ -415,7 +479,7 @@ class ProCo(Method):
             logits,
             labels,
             tau=self.cfg.tau,
-            form=self.cfg.proto_form,
+            form=self.form,
             margin=self.cfg.circle_margin,
         )
         loss = per_sample.mean()
@@ -423,18 +487,20 @@ class ProCo(Method):
         return loss, logs
 
 
-class ProCoResample(ProCo):
-    """ProCo on class-balanced batches: the tail fills the queue, the proto-instances and the recalibration as often as the head."""
+class ProCoPaper(ProCo):
+    """The paper's literal ProCo: instance-balanced batches, Eq. 7's proto-loss and MoCo v2's two views."""
 
-    name = "proco_resample"
-    resample = True
+    name = "proco_paper"
+    sampling = INSTANCE_BALANCED
+    augmentation = "moco_v2"
+    proto_form = "eq7"
 
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         ProCo,
-        ProCoResample,
+        ProCoPaper,
         CrossEntropy,
         CrossEntropyResample,
         Focal,
@@ -448,8 +514,35 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got '{name}'")
+    return METHODS[name]
+
+
 def build_method(cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, class_counts: Sequence[int]) -> Method:
     """The method named by `cfg.name`, ready to build its network."""
-    if cfg.name not in METHODS:
-        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got '{cfg.name}'")
-    return METHODS[cfg.name](cfg, model_cfg, num_classes, class_counts)
+    return method_class(cfg.name)(cfg, model_cfg, num_classes, class_counts)
+
+
+def resolved(config: Config) -> Config:
+    """`config` with every `auto` replaced by the method's choice (method.sampling, method.proto_form,
+    data.augmentation), so the config a run saves says how it trained.
+
+    Configs keep `auto` until a run starts: an experiment's base config may become another method in a
+    variant, and the method decides what auto means.
+    """
+    try:
+        method = method_class(config.method.name)
+        stages = method.stages_for(config.method, config.optim.epochs)
+        augmentations = {stage.name: train_input(stage, config.data.augmentation).augmentation for stage in stages}
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    proto_form = method.proto_form if config.method.proto_form == AUTO else config.method.proto_form
+    return dataclasses.replace(
+        config,
+        method=dataclasses.replace(
+            config.method, sampling=per_stage({stage.name: stage.sampling for stage in stages}), proto_form=proto_form
+        ),
+        data=dataclasses.replace(config.data, augmentation=per_stage(augmentations)),
+    )
