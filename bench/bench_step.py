@@ -80,9 +80,9 @@ def step_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
     model_cfg = ModelConfig(arch=args.arch, small_input=args.image_size <= 64, feat_dim=128, hidden_dim=2048, batch_norm="plain")
     variants = {
         "CE": dict(name="ce"),
-        "MoCo two-view (InfoNCE)": dict(name="proco"),
-        "ProCo, proto-loss only": dict(name="proco", proto_instances=False, recalibration=False),
-        "ProCo full (gamma 20, recal.)": dict(name="proco", proto_instances=True, recalibration=True),
+        "MoCo two-view (InfoNCE)": dict(name="proco_paper"),
+        "ProCo, proto-loss only": dict(name="proco_paper", proto_instances=False, recalibration=False),
+        "ProCo full (gamma 20, recal.)": dict(name="proco_paper", proto_instances=True, recalibration=True),
     }
     rows = []
     for batch_size in args.batch_sizes:

@@ -39,6 +39,7 @@ from proco_ray.experiments.spec import (
     validate,
 )
 from proco_ray.experiments.stats import TrialRecord, group_label
+from proco_ray.method.registry import resolved
 
 
 def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
@@ -156,10 +157,10 @@ def local_sweep(
     todo: list[tuple[str, Config]] = []
     for params in [] if report_only else trials:
         name = trial_name(params)
-        config = trial_config(base, experiment.variants, params, name=name, storage_path=str(out))
+        config = resolved(trial_config(base, experiment.variants, params, name=name, storage_path=str(out)))
         history_file = _history_path(out, name)
         saved = out / name / "config.yaml"
-        if saved.is_file() and load_config(saved).to_dict() != config.to_dict():
+        if saved.is_file() and resolved(load_config(saved)).to_dict() != config.to_dict():
             raise ConfigError(
                 f"{out / name} was run with another config than experiment '{experiment.name}' now gives this "
                 f"trial (its variant or the overrides changed): use another --out, or delete that folder to rerun it"
@@ -234,11 +235,13 @@ def narrow(experiment: Experiment, only: str | None = None, seeds: str | None = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--experiment", required=True, help="an experiment of configs/tune/ or a YAML path (grid of variants x seeds)"
+        "--experiment",
+        required=True,
+        help="a shipped experiment by name (proco_ray/configs/tune/) or a YAML path (grid of variants x seeds)",
     )
     parser.add_argument("--data", required=True, help="prepared dataset URI (sets data.uri)")
     parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes unfinished trials)")
-    parser.add_argument("--config", help="base config, a YAML file or a name from configs/ (default: the experiment's 'base')")
+    parser.add_argument("--config", help="base config, a YAML file or a shipped name (default: the experiment's 'base')")
     parser.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
     parser.add_argument(
