@@ -527,7 +527,8 @@ def build_method(cfg: MethodConfig, model_cfg: ModelConfig, num_classes: int, cl
 
 def resolved(config: Config) -> Config:
     """`config` with every `auto` replaced by the method's choice (method.sampling, method.proto_form,
-    data.augmentation), so the config a run saves says how it trained.
+    data.augmentation) and the workers' process-group backend (train.dist_backend), so the config a run saves
+    says how it trained.
 
     Configs keep `auto` until a run starts: an experiment's base config may become another method in a
     variant, and the method decides what auto means.
@@ -545,4 +546,7 @@ def resolved(config: Config) -> Config:
             config.method, sampling=per_stage({stage.name: stage.sampling for stage in stages}), proto_form=proto_form
         ),
         data=dataclasses.replace(config.data, augmentation=per_stage(augmentations)),
+        train=dataclasses.replace(
+            config.train, dist_backend=distributed.process_group_backend(config.train.use_gpu, config.train.dist_backend)
+        ),
     )
