@@ -326,17 +326,18 @@ def test_asha_stops_bad_trials_early_and_releases_their_resources(ray_local, tmp
     experiment = experiment_from_dict(
         {
             "name": "asha",
-            # the learning rate varies fastest (good, bad, good, bad), so no good trial meets the first rung with
-            # only the other good one recorded there, which ASHA (top half) stops if it is the worse of the two
-            "search_space": {"train.seed": {"grid": [0, 1]}, "optim.lr": {"grid": [0.05, 1.0e-5]}},
+            # one trial at a time, seeds fastest: the two lr 1e-5 trials meet the first rung first (the second stops
+            # if it is the worse of the two, as both seeds' losses are here), then the lr 0.05 ones, each below the
+            # median of what is recorded there by then (ASHA keeps the top half)
+            "search_space": {"optim.lr": {"grid": [1.0e-5, 0.05]}, "train.seed": {"grid": [0, 1]}},
             # val/macro_f1 ties on 48 generated images; the loss separates the learning rates clearly
             "metric": "train/loss",
             "mode": "min",
             "asha": {"grace_period": 1, "reduction_factor": 2},
         }
     )
-    base = merge(tiny_base(experiment, 2), {"method": {"name": "ce"}})  # whose loss lr 1e-5 barely moves
-    result = sweep(experiment, base, name="asha", storage_path=str(tmp_path), feed_factory=FEED)
+    base = merge(tiny_base(experiment, 2), {"method": {"name": "proco_paper"}})  # whose loss lr 1e-5 barely moves
+    result = sweep(experiment, base, name="asha", storage_path=str(tmp_path), feed_factory=FEED, max_concurrent=1)
     epochs = {r.params["optim.lr"]: [] for r in result.records}
     for r in result.records:
         assert r.error is None, r.error
