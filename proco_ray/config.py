@@ -133,7 +133,7 @@ class Config:
 
     def run_resources(self, streams_data: bool = True) -> dict[str, float]:
         """What one training run holds on a Ray cluster: its workers (+ gpus_per_worker each), and one CPU beside
-        them for Ray Data to decode and augment the images (with none left, the workers wait forever)."""
+        them for Ray Data to pick and decode the images (with none left, the workers wait forever)."""
         cpus = self.train.num_workers * self.train.cpus_per_worker + (DATA_CPUS if streams_data else 0)
         need = {"CPU": float(cpus)}
         if self.train.use_gpu:

@@ -328,6 +328,12 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     )
     metrics: dict[str, Any] = {}
     offset = 0
+
+    def evaluate_split(split: str) -> dict[str, Any]:
+        return evaluate(
+            model, method, feed.eval_batches(split), device, feed.class_names, config.data.image_size, config.optim.amp
+        )
+
     run_start, epochs_run = time.perf_counter(), 0
     try:
         for stage in method.stages(total_epochs):
@@ -368,44 +374,18 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     progress_every=config.train.log_every_steps if env.print_progress and rank == 0 else 0,
                 )
                 global_step += int(train_logs["train/steps"])
-                val = evaluate(
-                    model,
-                    method,
-                    feed.eval_batches(config.data.val_split),
-                    device,
-                    feed.class_names,
-                    config.data.image_size,
-                    config.optim.amp,
-                )
+                val = evaluate_split(config.data.val_split)
                 metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
                 has_test = config.data.test_split in feed.eval_splits
                 test = None
                 if is_better(metrics, best):
                     best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}
                     if has_test:
-                        test = evaluate(
-                            model,
-                            method,
-                            feed.eval_batches(config.data.test_split),
-                            device,
-                            feed.class_names,
-                            config.data.image_size,
-                            config.optim.amp,
-                        )
+                        test = evaluate_split(config.data.test_split)
                         best.update(flat_metrics("test", test))
                 metrics.update(best)
                 if has_test and epoch + 1 == total_epochs:
-                    if test is None:
-                        test = evaluate(
-                            model,
-                            method,
-                            feed.eval_batches(config.data.test_split),
-                            device,
-                            feed.class_names,
-                            config.data.image_size,
-                            config.optim.amp,
-                        )
-                    metrics.update(flat_metrics(LAST_TEST, test))
+                    metrics.update(flat_metrics(LAST_TEST, test or evaluate_split(config.data.test_split)))
                 metrics[CHECKPOINT_SCORE] = selection_score(metrics[SELECTION_METRIC], epoch + 1)
                 collapse = collapse_warning(metrics, config.model.feat_dim)
                 metrics["train/collapsed"] = float(collapse is not None)

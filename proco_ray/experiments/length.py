@@ -52,7 +52,8 @@ def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]
 
 
 def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """{variant: {reading: {seed: test macro-F1}}} of the complete trials of a local-sweep folder."""
+    """{variant: {reading: {seed: test macro-F1}}} of the finished trials of a local-sweep folder (those whose
+    last report has the last epoch's test metrics)."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for history_file in sorted(folder.glob("*/history.json")):
         match = TRIAL_NAME.fullmatch(history_file.parent.name)
@@ -60,6 +61,8 @@ def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
         if match is None or not history or (history_file.parent / "error.txt").exists():
             continue
         last = history[-1]
+        if READINGS["last epoch"] not in last:  # reported at the final epoch only: the trial is not finished
+            continue
         for reading, key in READINGS.items():
             if key in last:
                 out.setdefault(match["variant"], {}).setdefault(reading, {})[int(match["seed"])] = float(last[key])
@@ -124,6 +127,7 @@ def plot_length_curve(datasets: Mapping[str, Mapping[int, Path]], names: Sequenc
                 label = f"{name} ({reading})"
                 axis.errorbar(x, y, yerr=error, fmt=style + "o", color=f"C{index}", capsize=3, label=label, alpha=0.9)
         axis.set_xscale("log")
+        axis.minorticks_off()
         axis.set_xticks(sorted(sweeps), [str(e) for e in sorted(sweeps)])
         axis.set_xlabel("epochs")
         axis.set_ylabel("test macro-F1")
