@@ -101,8 +101,6 @@ class RowOrder:
     """Which stored rows an epoch visits: 'sequential' (eval), 'shuffle' (a permutation), 'balanced' (resampling)."""
 
     mode: str
-    rows: int
-    num_classes: int
     seed_config: Any = None
     first_epoch: int = 0
 
@@ -185,7 +183,7 @@ def build_dataset(
     stored = stored or store_split(uri, split)
     mode = "sequential" if not train else "balanced" if resample else "shuffle"
     seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True) if train else None
-    order = RowOrder(mode, stored.rows, stored.num_classes, seed_config, first_epoch)
+    order = RowOrder(mode, seed_config, first_epoch)
     positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, stored.image_size)).materialize()
     ds = positions.map_batches(select_rows, batch_size=None, fn_args=(stored.refs, order, positions.context))
     return ds.map_batches(

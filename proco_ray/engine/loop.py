@@ -121,12 +121,12 @@ def train_one_epoch(
     stage: Stage,
     epoch: int,
     device: torch.device,
-    make_views: ViewMaker,
+    add_views: ViewMaker,
     amp: bool = False,
     max_steps: int | None = None,
     progress_every: int = 0,
 ) -> dict[str, float]:
-    """One pass over this rank's batches of uint8 images, whose views `make_views` makes on the device;
+    """One pass over this rank's batches of uint8 images, whose views `add_views` makes on the device;
     returns the epoch means of the method's logs (over ranks).
 
     The step never waits for the device: losses and logs are summed on the device and read once at
@@ -145,7 +145,7 @@ def train_one_epoch(
         data_wait += time.perf_counter() - waited
         if batch is None:
             break
-        batch = make_views(_to_device(batch, device))
+        batch = add_views(_to_device(batch, device))
         with autocast_for(device, amp):
             out = method.training_loss(model, batch, epoch, stage)
         optimizer.zero_grad(set_to_none=True)

@@ -84,15 +84,26 @@ def _difference_cell(difference: PairedDifference) -> tuple[str, str]:
     return per_seed, f"{difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}]"
 
 
-def length_table(datasets: Mapping[str, Mapping[int, Path]], method: str, baseline: str, others: Sequence[str] = ()) -> str:
+Readings = dict[str, dict[int, dict[str, dict[str, dict[int, float]]]]]
+"""{dataset: {epochs: sweep_readings(folder)}}."""
+
+
+def read_datasets(datasets: Mapping[str, Mapping[int, Path]]) -> Readings:
+    """Every sweep folder read once, for the table and the figure."""
+    return {
+        dataset: {epochs: sweep_readings(folder) for epochs, folder in sorted(sweeps.items())}
+        for dataset, sweeps in datasets.items()
+    }
+
+
+def length_table(datasets: Readings, method: str, baseline: str, others: Sequence[str] = ()) -> str:
     """A markdown table: one row per dataset, length and reading; the methods' test macro-F1 (mean ± std over
     seeds) and method - baseline per seed with its mean and 95 % interval."""
     names = [method, baseline, *others]
     header = ["dataset", "epochs", "reading", *names, f"{method} − {baseline} per seed", "mean [95 % CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for dataset, sweeps in datasets.items():
-        for epochs, folder in sorted(sweeps.items()):
-            readings = sweep_readings(folder)
+        for epochs, readings in sweeps.items():
             for reading in READINGS:
                 values = {name: readings.get(name, {}).get(reading, {}) for name in names}
                 per_seed, summary = _difference_cell(paired_difference(values[method], values[baseline]))
@@ -101,7 +112,7 @@ def length_table(datasets: Mapping[str, Mapping[int, Path]], method: str, baseli
     return "\n".join(lines)
 
 
-def plot_length_curve(datasets: Mapping[str, Mapping[int, Path]], names: Sequence[str], path: Path) -> Path:
+def plot_length_curve(datasets: Readings, names: Sequence[str], path: Path) -> Path:
     """Test macro-F1 (best-validation epoch, solid; last epoch, dashed) against epochs, a panel per dataset, a
     line per method, error bars from the seeds' standard deviation."""
     import matplotlib
@@ -110,8 +121,7 @@ def plot_length_curve(datasets: Mapping[str, Mapping[int, Path]], names: Sequenc
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for axis, (dataset, sweeps) in zip(axes[0], datasets.items()):
-        readings = {epochs: sweep_readings(folder) for epochs, folder in sorted(sweeps.items())}
+    for axis, (dataset, readings) in zip(axes[0], datasets.items()):
         for index, name in enumerate(names):
             for reading, style in zip(READINGS, ("-", "--")):
                 points = [
@@ -128,7 +138,7 @@ def plot_length_curve(datasets: Mapping[str, Mapping[int, Path]], names: Sequenc
                 axis.errorbar(x, y, yerr=error, fmt=style + "o", color=f"C{index}", capsize=3, label=label, alpha=0.9)
         axis.set_xscale("log")
         axis.minorticks_off()
-        axis.set_xticks(sorted(sweeps), [str(e) for e in sorted(sweeps)])
+        axis.set_xticks(list(readings), [str(e) for e in readings])
         axis.set_xlabel("epochs")
         axis.set_ylabel("test macro-F1")
         axis.set_title(dataset)
@@ -173,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    datasets = parse_datasets(args.items)
+    datasets = read_datasets(parse_datasets(args.items))
     print(length_table(datasets, args.method, args.baseline, args.others))
     if args.figure:
         print(f"figure written to {plot_length_curve(datasets, [args.method, args.baseline, *args.others], args.figure)}")
