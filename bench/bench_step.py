@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from proco_ray.config import MethodConfig, ModelConfig
 from proco_ray.evaluation.report import markdown_table
 from proco_ray.method.losses import PrototypeRecalibration, adversarial_negatives, adversarial_positives, proto_loss
+from proco_ray.method.proco import ProCo
 from proco_ray.method.queue import SampleQueue
-from proco_ray.method.registry import ProCo, build_method
+from proco_ray.method.registry import create_method, stages_for
 from proco_ray.storage.seaweedfs import free_port
 
 
@@ -99,9 +100,9 @@ def step_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
             for label, overrides in variants.items():
                 torch.manual_seed(0)
                 cfg = MethodConfig(queue_size=queue_size, gamma=20, **overrides)
-                method = build_method(cfg, model_cfg, args.classes, [1] * args.classes).to(device)
+                method = create_method(cfg, model_cfg, args.classes, [1] * args.classes).to(device)
                 model = method.build_model().to(device)
-                stage = method.stages(10)[0]
+                stage = stages_for(cfg, 10)[0]
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
                 if isinstance(method, ProCo):
                     method.queue.enqueue(

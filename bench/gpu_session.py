@@ -43,6 +43,7 @@ def train_run(name: str, overrides: list[str], storage: Path) -> dict:
     """One `proco-ray train` on the running Ray; the last epoch's throughput and data wait."""
     from proco_ray.config import load_config
     from proco_ray.launch.trainer import fit
+    from proco_ray.metric_keys import DATA_WAIT_SHARE, EPOCH, IMAGES_PER_S, VAL_MACRO_F1
 
     config = load_config("gpu-64px", [*overrides, f"train.name={name}", f"train.storage_path={storage}"])
     started = time.perf_counter()
@@ -51,10 +52,10 @@ def train_run(name: str, overrides: list[str], storage: Path) -> dict:
         raise result.error
     metrics = result.metrics or {}
     return {
-        "images_per_s": metrics.get("train/images_per_s"),
-        "data_wait_share": metrics.get("train/data_wait_share"),
-        "val_macro_f1": metrics.get("val/macro_f1"),
-        "epochs": metrics.get("epoch"),
+        "images_per_s": metrics.get(IMAGES_PER_S),
+        "data_wait_share": metrics.get(DATA_WAIT_SHARE),
+        "val_macro_f1": metrics.get(VAL_MACRO_F1),
+        "epochs": metrics.get(EPOCH),
         "wall_s": time.perf_counter() - started,
     }
 

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -20,9 +20,85 @@ from proco_ray.errors import ProcoError
 
 DATA_CPUS = 1
 
+# The allowed values of the settings that name a choice; the loader (and any direct construction) checks them.
+AUTO = "auto"  # the default of method.sampling, method.proto_form and data.augmentation: the method's own choice
+CLASS_BALANCED, INSTANCE_BALANCED = "class_balanced", "instance_balanced"
+MethodName = Literal[
+    "proco", "proco_paper", "ce", "ce_resample", "focal", "ldam_drw", "ohem", "danil", "mtl", "cl", "cl_resample"
+]
+ProCoLoss = Literal["proto", "ce", "infonce"]
+ProtoForm = Literal["eq7", "mean", "split", "circle"]
+Sampling = Literal["class_balanced", "instance_balanced"]
+Augmentation = Literal["supervised", "moco_v2", "none"]
+Architecture = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+BatchNormMode = Literal["shuffle", "sync", "plain"]
+NormLayer = Literal["batch", "group"]
+
 
 class ConfigError(ProcoError, ValueError):
     """A configuration that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class PerStage:
+    """Marks a setting given once for every stage or per stage (`pretrain:x,linear:y`), each value one of
+    `choices` or auto (the method's own)."""
+
+    choices: Any
+
+
+def stage_value(value: str, stage: str, key: str) -> str | None:
+    """A per-stage setting: None for auto, `x` for every stage, or this stage's entry of `pretrain:x,linear:y`."""
+    if value == AUTO:
+        return None
+    if ":" not in value:
+        return value
+    entries = dict(entry.strip().split(":", 1) for entry in value.split(",") if ":" in entry)
+    if stage not in entries:
+        raise ConfigError(
+            f"{key}='{value}' names no value for stage '{stage}' (write {stage}:VALUE, or one value for all stages)"
+        )
+    return entries[stage].strip()
+
+
+def per_stage(values: dict[str, str]) -> str:
+    """The explicit form of per-stage values: one value when every stage has it, else `stage:value,...`."""
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else ",".join(f"{stage}:{value}" for stage, value in values.items())
+
+
+def check_choice(value: Any, choices: Any, key: str) -> None:
+    """`value` must be one of the Literal `choices`; the error names the setting, the choices and the closest one."""
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        hint = closest_match(value, allowed) if isinstance(value, str) else ""
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}{hint}")
+
+
+def check_per_stage(value: str, choices: Any, key: str) -> None:
+    """Every value of a per-stage setting (`x` or `stage:x,...`) must be auto or one of `choices`."""
+    allowed = typing.get_args(choices)
+    entries = [entry.split(":", 1)[-1].strip() for entry in value.split(",")] if ":" in value else [value]
+    for entry in entries:
+        if entry != AUTO and entry not in allowed:
+            raise ConfigError(f"{key} must be 'auto' or one of {list(allowed)} (per stage: stage:VALUE,...), got '{entry}'")
+
+
+def _check_choices(section: Any, name: str) -> None:
+    """The Literal and per-stage fields of a config section hold allowed values."""
+    for key, annotation in typing.get_type_hints(type(section), include_extras=True).items():
+        value = getattr(section, key)
+        if typing.get_origin(annotation) is Literal:
+            check_choice(value, annotation, f"{name}.{key}")
+        elif typing.get_origin(annotation) is Annotated:
+            marks = [m for m in annotation.__metadata__ if isinstance(m, PerStage)]
+            if marks and isinstance(value, str):
+                check_per_stage(value, marks[0].choices, f"{name}.{key}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -34,33 +110,40 @@ class DataConfig:
     image_size: int = 64
     batch_size: int = 128
     eval_batch_size: int = 256
-    augmentation: str = "auto"  # the method's: supervised, moco_v2 or none (per stage for CL: pretrain:...,linear:...)
+    augmentation: Annotated[str, PerStage(Augmentation)] = "auto"  # the method's (per stage for CL: pretrain:...,linear:...)
     prefetch_batches: int = 2  # batches a Ray Train worker has copied to its device ahead of the step
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "data")
 
 
 @dataclass
 class ModelConfig:
     """The ProCo network: backbone, heads and the momentum key encoder."""
 
-    arch: str = "resnet50"
+    arch: Architecture = "resnet50"
     small_input: bool = False
     feat_dim: int = 128
     hidden_dim: int = 2048
     pretrained: str | None = None
     key_momentum: float = 0.999
-    batch_norm: str = "shuffle"
-    norm: str = "batch"
+    batch_norm: BatchNormMode = "shuffle"
+    norm: NormLayer = "batch"
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "model")
+        _require(0.0 <= self.key_momentum <= 1.0, f"model.key_momentum must lie in [0, 1], got {self.key_momentum}")
 
 
 @dataclass
 class MethodConfig:
     """The training method and its hyperparameters (paper defaults)."""
 
-    name: str = "proco"
-    loss: str = "proto"
+    name: MethodName = "proco"
+    loss: ProCoLoss = "proto"
     proto_instances: bool = True
     recalibration: bool = True
     gamma: int = 20
@@ -68,8 +151,8 @@ class MethodConfig:
     beta: float = 0.95
     w_init: float = 0.01
     tau: float = 1.0
-    proto_form: str = "auto"  # the method's: split for proco, eq7 for proco_paper
-    sampling: str = "auto"  # the method's: class_balanced or instance_balanced (per stage for CL: pretrain:...,linear:...)
+    proto_form: Literal["auto", ProtoForm] = "auto"  # the method's: split for proco, eq7 for proco_paper
+    sampling: Annotated[str, PerStage(Sampling)] = "auto"  # the method's (per stage for CL: pretrain:...,linear:...)
     circle_margin: float = 0.25
     infonce_temperature: float = 0.07
     queue_size: int = 4096
@@ -86,6 +169,31 @@ class MethodConfig:
     pretrain_fraction: float = 0.5
     linear_probe_norm: bool = False
     logit_adjustment: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "method")
+        gamma = self.gamma
+        _require(
+            not isinstance(gamma, bool) and isinstance(gamma, int) and gamma >= 0,
+            f"method.gamma must be a non-negative integer, got {gamma!r}",
+        )
+        _require(0.0 <= self.eps_max < 1.0, f"method.eps_max (E) must lie in [0, 1), got {self.eps_max}")
+        _require(
+            self.tau > 0 and self.infonce_temperature > 0,
+            f"method.tau and method.infonce_temperature must be > 0, got {self.tau}, {self.infonce_temperature}",
+        )
+        _require(self.queue_size >= 0, f"method.queue_size must be >= 0, got {self.queue_size}")
+        _require(self.logit_adjustment >= 0, f"method.logit_adjustment must be >= 0, got {self.logit_adjustment}")
+        _require(
+            0.0 <= self.drw_start_fraction <= 1.0, f"method.drw_start_fraction must lie in [0, 1], got {self.drw_start_fraction}"
+        )
+        _require(0.0 < self.ohem_keep_ratio <= 1.0, f"method.ohem_keep_ratio must lie in (0, 1], got {self.ohem_keep_ratio}")
+        _require(
+            self.danil_weight >= 0 and self.danil_eps > 0,
+            f"method.danil_weight must be >= 0 and method.danil_eps > 0, got {self.danil_weight}, {self.danil_eps}",
+        )
+        _require(self.mtl_weight >= 0, f"method.mtl_weight must be >= 0, got {self.mtl_weight}")
+        _require(0.0 < self.pretrain_fraction < 1.0, f"method.pretrain_fraction must lie in (0, 1), got {self.pretrain_fraction}")
 
 
 @dataclass
@@ -165,7 +273,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
-    if annotation is str:
+    if annotation is str or typing.get_origin(annotation) is Literal:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
@@ -244,6 +352,33 @@ def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"override '{key}': '{section}' is not a section")
         node[leaf] = value
     return tree
+
+
+def flatten(
+    tree: Mapping[str, Any], prefix: str = "", is_leaf: typing.Callable[[Any], bool] = lambda value: False
+) -> dict[str, Any]:
+    """{'method': {'gamma': 4}} -> {'method.gamma': 4}, the inverse of `nest`; dotted keys pass through, and a
+    mapping for which `is_leaf` holds is a value, not a section."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not is_leaf(value):
+            out.update(flatten(value, f"{dotted}.", is_leaf))
+        else:
+            out[dotted] = value
+    return out
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of the Config schema (method.gamma, optim.lr, ...)."""
+    keys = []
+    hints = typing.get_type_hints(cls or Config)
+    for f in dataclasses.fields(cls or Config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:

@@ -106,3 +106,35 @@ def test_cli_prints_one_line_for_expected_errors_before_starting_ray(tmp_path):
     for result in (bad_key, no_data):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert "Ray" not in result.stderr  # refused before a Ray instance was started
+
+
+def test_settings_that_name_a_choice_are_checked_where_the_config_is_loaded_and_built():
+    """Issue 27.4: allowed values live in config.py's Literal types; the loader and direct construction check them."""
+    import dataclasses
+
+    from proco_ray.config import DataConfig, MethodConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"model.arch must be one of \['resnet18', .*got 'resnet51'; did you mean 'resnet50'"):
+        load_config(None, ["model.arch=resnet51"])
+    with pytest.raises(ConfigError, match="model.norm must be one of"):
+        ModelConfig(norm="layer")
+    with pytest.raises(ConfigError, match="method.proto_form must be one of \\['auto', 'eq7'"):
+        load_config(None, ["method.proto_form=sum"])
+    with pytest.raises(ConfigError, match="method.sampling must be 'auto' or one of"):
+        MethodConfig(sampling="pretrain:class_balanced,linear:balanced")
+    with pytest.raises(ConfigError, match="data.augmentation must be 'auto' or one of"):
+        DataConfig(augmentation="randaugment")
+    with pytest.raises(ConfigError, match="method.eps_max"):
+        dataclasses.replace(MethodConfig(), eps_max=1.5)
+    assert MethodConfig(sampling="pretrain:auto,linear:class_balanced").sampling == "pretrain:auto,linear:class_balanced"
+
+
+def test_the_names_a_config_may_give_are_the_registered_methods_and_the_augmentations():
+    import typing
+
+    from proco_ray.config import Augmentation, MethodName
+    from proco_ray.data.augment import RECIPES
+    from proco_ray.method.registry import METHODS
+
+    assert set(typing.get_args(MethodName)) == set(METHODS)
+    assert set(typing.get_args(Augmentation)) == {*RECIPES, "none"}

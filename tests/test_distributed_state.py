@@ -93,13 +93,13 @@ def danil_worker(rank: int, port: int, out_dir: str):
     from torch.nn.parallel import DistributedDataParallel
 
     from proco_ray.config import MethodConfig, ModelConfig
-    from proco_ray.method.registry import build_method
+    from proco_ray.method.registry import create_method, stages_for
 
     if rank >= 0:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model_cfg = ModelConfig(arch="resnet18", small_input=True, norm="group")
-        method = build_method(MethodConfig(name="danil"), model_cfg, CLASSES, [4, 3, 2, 1])
+        method = create_method(MethodConfig(name="danil"), model_cfg, CLASSES, [4, 3, 2, 1])
         torch.manual_seed(0)
         model = method.build_model()
         g = torch.Generator().manual_seed(1)
@@ -111,7 +111,7 @@ def danil_worker(rank: int, port: int, out_dir: str):
             model = DistributedDataParallel(model)
             part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
             images, labels = images[part], labels[part]
-        method.training_loss(model, {"view_q": images, "label": labels}, 0, method.stages(1)[0]).loss.backward()
+        method.training_loss(model, {"view_q": images, "label": labels}, 0, stages_for(method.cfg, 1)[0]).loss.backward()
         module = model.module if rank >= 0 else model
         grads = {name: p.grad for name, p in module.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"danil{rank}.pt"))

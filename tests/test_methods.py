@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from proco_ray.config import MethodConfig, ModelConfig
-from proco_ray.method.registry import METHODS, build_method, unwrap
+from proco_ray.method.base import unwrap
+from proco_ray.method.registry import METHODS, create_method, stages_for
 
 CLASSES = 3
 TINY = ModelConfig(arch="resnet18", small_input=True, feat_dim=16, hidden_dim=32, batch_norm="plain")
@@ -27,13 +28,13 @@ def fixed_batch(seed=0, batch=12):
 def make(name="proco", model_cfg=TINY, **overrides):
     torch.manual_seed(0)
     cfg = MethodConfig(name=name, gamma=4, queue_size=16, **overrides)
-    method = build_method(cfg, model_cfg, CLASSES, [8, 3, 1])
+    method = create_method(cfg, model_cfg, CLASSES, [8, 3, 1])
     model = method.build_model()
     return method, model
 
 
 def train_steps(method, model, steps, lr=0.05):
-    stage = method.stages(10)[0]
+    stage = stages_for(method.cfg, 10)[0]
     method.enter_stage(model, stage)
     optimizer = torch.optim.SGD(method.trainable_parameters(model, stage), lr=lr, momentum=0.9)
     batch = fixed_batch()
@@ -57,7 +58,7 @@ def test_proco_step_lowers_the_loss():
 
 def test_gradients_reach_query_encoder_heads_and_prototypes_never_keys():
     method, model = make()
-    stage = method.stages(10)[0]
+    stage = stages_for(method.cfg, 10)[0]
     method.training_loss(model, fixed_batch(), 0, stage)
     out = method.training_loss(model, fixed_batch(1), 0, stage)
     out.loss.backward()
@@ -77,7 +78,7 @@ def test_key_encoder_lag_is_logged_as_its_accuracy_and_its_cosine_to_the_query(k
     train_steps(method, model, 3, lr=0.5)
     batch = fixed_batch(1)
     batch["view_k"] = batch["view_q"]
-    logs = method.training_loss(model, batch, 0, method.stages(10)[0]).logs
+    logs = method.training_loss(model, batch, 0, stages_for(method.cfg, 10)[0]).logs
     if key_momentum == 0.0:
         with torch.no_grad():
             query_accuracy = (model(batch["view_q"])["logits"].argmax(1) == batch["label"]).float().mean()
@@ -122,7 +123,7 @@ def test_proco_ablation_switches(switches):
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"proco"}))
 def test_every_baseline_trains_and_predicts(name):
     method, model = make(name)
-    stages = method.stages(10)
+    stages = stages_for(method.cfg, 10)
     assert sum(s.epochs for s in stages) == 10
     for stage in stages:
         method.enter_stage(model, stage)
@@ -139,7 +140,7 @@ def test_every_baseline_trains_and_predicts(name):
 
 def test_cl_linear_stage_trains_only_the_classifier():
     method, model = make("cl")
-    linear = method.stages(10)[1]
+    linear = stages_for(method.cfg, 10)[1]
     method.enter_stage(model, linear)
     assert [p.shape for p in method.trainable_parameters(model, linear)] == [p.shape for p in unwrap(model).fc.parameters()]
     assert not any(p.requires_grad for p in model.backbone.parameters())
@@ -159,14 +160,14 @@ def test_cl_linear_stage_trains_only_the_classifier():
 )
 def test_bad_proco_settings_name_the_argument(field, value):
     with pytest.raises(ValueError, match=field):
-        build_method(MethodConfig(**{field: value}), TINY, CLASSES, [1, 1, 1])
+        create_method(MethodConfig(**{field: value}), TINY, CLASSES, [1, 1, 1])
 
 
 def test_unknown_method_and_bad_counts():
     with pytest.raises(ValueError, match="method.name"):
-        build_method(MethodConfig(name="no_such_method"), TINY, CLASSES, [1, 1, 1])
+        create_method(MethodConfig(name="no_such_method"), TINY, CLASSES, [1, 1, 1])
     with pytest.raises(ValueError, match="class_counts"):
-        build_method(MethodConfig(), TINY, CLASSES, [1, 1])
+        create_method(MethodConfig(), TINY, CLASSES, [1, 1])
 
 
 def test_ldam_classifies_with_cosine_logits_as_its_scale_assumes():
@@ -179,12 +180,10 @@ def test_ldam_classifies_with_cosine_logits_as_its_scale_assumes():
 
 
 def test_each_method_reads_its_augmentation_and_views():
-    from proco_ray.engine.feeds import TrainInput
-    from proco_ray.method.registry import METHODS, train_input
+    from proco_ray.data.train_input import TrainInput
 
     def inputs(name: str, augmentation: str = "auto", **method: str) -> list[TrainInput]:
-        stages = METHODS[name].stages_for(MethodConfig(name=name, **method), 10)
-        return [train_input(stage, augmentation) for stage in stages]
+        return [stage.input for stage in stages_for(MethodConfig(name=name, **method), 10, augmentation)]
 
     assert inputs("proco") == [TrainInput(True, "supervised", 2)]
     assert inputs("proco_paper") == [TrainInput(False, "moco_v2", 2)]
@@ -218,7 +217,7 @@ def test_no_training_step_reads_a_device_value(name, overrides):
 
     cfg = MethodConfig(name=name, queue_size=64, gamma=5, **overrides)
     model_cfg = ModelConfig(arch="resnet18", small_input=True, feat_dim=16, hidden_dim=32, batch_norm="plain")
-    method = build_method(cfg, model_cfg, 4, [8, 4, 2, 1])
+    method = create_method(cfg, model_cfg, 4, [8, 4, 2, 1])
     model = method.build_model()
     meta = torch.device("meta")
     method.to(meta), model.to(meta)
@@ -229,7 +228,7 @@ def test_no_training_step_reads_a_device_value(name, overrides):
         "label": torch.empty(8, dtype=torch.long, device=meta),
         "location": torch.empty(8, dtype=torch.long, device=meta),
     }
-    for stage in method.stages(4):
+    for stage in stages_for(method.cfg, 4):
         method.enter_stage(model, stage)
         for _ in range(2):  # the second step reads a filled queue
             method.training_loss(model, batch, 3, stage).loss.backward()
@@ -239,18 +238,18 @@ def test_mtl_location_term_leaves_out_unknown_sites_and_the_exported_network():
     method, model = make("mtl")
     batch = fixed_batch()
     unknown = {**batch, "location": torch.full_like(batch["label"], -1)}
-    out = method.training_loss(model, unknown, 0, method.stages(1)[0])
+    out = method.training_loss(model, unknown, 0, stages_for(method.cfg, 1)[0])
     logits = model(batch["view_q"])
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, batch["label"]))  # no site known: CE alone
     assert float(out.logs["location_ce"]) == 0.0
-    known = method.training_loss(model, batch, 0, method.stages(1)[0])
+    known = method.training_loss(model, batch, 0, stages_for(method.cfg, 1)[0])
     _, site_logits = model(batch["view_q"], locations=True)
     mask = batch["location"] >= 0
     expected = F.cross_entropy(logits, batch["label"]) + F.cross_entropy(site_logits[mask], batch["location"][mask])
     torch.testing.assert_close(known.loss, expected)
     assert not any("location" in name for name, _ in model.inference_network().named_parameters())
     with pytest.raises(ValueError, match="body-location column"):
-        method.training_loss(model, {k: v for k, v in batch.items() if k != "location"}, 0, method.stages(1)[0])
+        method.training_loss(model, {k: v for k, v in batch.items() if k != "location"}, 0, stages_for(method.cfg, 1)[0])
 
 
 def backbone_statistics(model):
@@ -260,7 +259,7 @@ def backbone_statistics(model):
 def linear_stage_losses(probe_norm, feature_scale, steps=12):
     """CL's linear stage on a backbone whose features are `feature_scale` times larger, at lr 0.05."""
     method, model = make("cl", linear_probe_norm=probe_norm)
-    linear = method.stages(10)[1]
+    linear = stages_for(method.cfg, 10)[1]
     method.enter_stage(model, linear)
     frozen = backbone_statistics(model)
     model.backbone.register_forward_hook(lambda module, inputs, output: output * feature_scale)
@@ -296,23 +295,23 @@ def test_ce_with_logit_adjustment_is_the_logit_adjusted_loss_and_predicts_with_r
     looped = sum(-F.log_softmax(row + torch.log(torch.tensor(prior)), dim=0)[y] for row, y in zip(logits, batch["label"])) / len(
         logits
     )
-    torch.testing.assert_close(adjusted.training_loss(model, batch, 0, adjusted.stages(1)[0]).loss, looped)
+    torch.testing.assert_close(adjusted.training_loss(model, batch, 0, stages_for(adjusted.cfg, 1)[0]).loss, looped)
     torch.testing.assert_close(
-        plain.training_loss(model, batch, 0, plain.stages(1)[0]).loss, F.cross_entropy(logits, batch["label"])
+        plain.training_loss(model, batch, 0, stages_for(plain.cfg, 1)[0]).loss, F.cross_entropy(logits, batch["label"])
     )
     torch.testing.assert_close(adjusted.predict(model, batch["view_q"]), plain.predict(model, batch["view_q"]))
 
 
 @pytest.mark.parametrize("loss", ["proto", "ce"])
 def test_proco_adds_tau_log_prior_to_its_recalibrated_training_logits(monkeypatch, loss):
-    import proco_ray.method.registry as registry
+    import proco_ray.method.proco as proco
 
     seen = []
     for tau in (0.0, 2.0):
         method, model = make("proco", loss=loss, logit_adjustment=tau)
-        monkeypatch.setattr(registry, "unified_proto_loss", lambda *a, **k: seen.append(a[3]) or torch.zeros(12))
-        monkeypatch.setattr(registry.F, "cross_entropy", lambda logits, labels: seen.append(logits) or logits.sum())
-        method.training_loss(model, fixed_batch(), 0, method.stages(1)[0])
+        monkeypatch.setattr(proco, "unified_proto_loss", lambda *a, **k: seen.append(a[3]) or torch.zeros(12))
+        monkeypatch.setattr(proco.F, "cross_entropy", lambda logits, labels: seen.append(logits) or logits.sum())
+        method.training_loss(model, fixed_batch(), 0, stages_for(method.cfg, 1)[0])
         monkeypatch.undo()
     shift = seen[1] - seen[0]
     expected = 2.0 * torch.log(torch.tensor([8 / 12, 3 / 12, 1 / 12]))
@@ -329,3 +328,28 @@ def test_logit_adjustment_is_refused_by_methods_that_would_ignore_it(name):
 def test_a_negative_or_undefined_logit_adjustment_is_refused(tau):
     with pytest.raises(ValueError, match="method.logit_adjustment must be >= 0"):
         make("ce", logit_adjustment=tau)
+
+
+def test_the_registry_registers_a_class_under_several_names_with_its_choices():
+    """Issue 27.1: resampling is a registration argument, not a subclass; names are unique and known to config."""
+    from proco_ray.method.base import Method
+    from proco_ray.method.registry import register
+
+    assert METHODS["ce"].cls is METHODS["ce_resample"].cls
+    assert METHODS["cl"].cls is METHODS["cl_resample"].cls
+    assert METHODS["proco"].cls is METHODS["proco_paper"].cls
+    assert (METHODS["ce"].choices.sampling, METHODS["ce_resample"].choices.sampling) == ("instance_balanced", "class_balanced")
+    assert METHODS["proco_paper"].choices.proto_form == "eq7" and METHODS["proco"].choices.proto_form == "split"
+    with pytest.raises(ValueError, match="registered twice"):
+        register("ce")(Method)
+    with pytest.raises(ValueError, match="config.MethodName"):
+        register("no_such_method")
+    ce, _ = make("ce")
+    assert ce.name == "ce" and type(ce) is METHODS["ce"].cls
+
+
+def test_the_loop_logs_a_methods_own_state_through_its_hook():
+    proco, _ = make("proco")
+    scalars = proco.state_scalars(["a", "b", "c"])
+    assert set(scalars) == {"recalibration/a", "recalibration/b", "recalibration/c", "queue/a", "queue/b", "queue/c"}
+    assert make("ce")[0].state_scalars(["a", "b", "c"]) == {}

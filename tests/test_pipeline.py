@@ -196,7 +196,8 @@ def test_streams_from_s3(tmp_path, datagen, s3_env, ray_local):
 def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
     """The Ray-free feed: same manifest, splits, class counts and eval images as build_dataset."""
     from proco_ray.config import load_config
-    from proco_ray.engine.feeds import TrainInput, local_feed
+    from proco_ray.data.train_input import TrainInput
+    from proco_ray.engine.feeds import local_feed
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "data.eval_batch_size=16"])
     feed = local_feed(prepared, config, workers=0)
@@ -224,7 +225,8 @@ def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resampl
     (`sampling.epoch_rows`), on 1 rank; on 2 ranks, the local feed's ranks together give exactly those rows
     in step order, and Ray Train's two dataset shards together hold the same rows as its one."""
     from proco_ray.config import load_config
-    from proco_ray.engine.feeds import TrainInput, local_feed
+    from proco_ray.data.train_input import TrainInput
+    from proco_ray.engine.feeds import local_feed
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "train.seed=5"])
     source = TrainInput(resample, "none", 1)

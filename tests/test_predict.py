@@ -25,7 +25,7 @@ from proco_ray.errors import DataError
 from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint, restore_model
 from proco_ray.inference.export import export, export_program, inference_module
 from proco_ray.inference.predict import predict, preprocessing_of
-from proco_ray.method.registry import build_method
+from proco_ray.method.registry import create_method
 
 TINY = Path(__file__).parent / "tiny.yaml"
 SIZE = 16
@@ -41,7 +41,7 @@ def trained(tmp_path_factory, datagen, ray_local) -> dict[str, Path]:
     shutil.copytree(source, images)
     (images / "rare" / "broken.jpg").write_bytes(b"not a jpeg at all")
     config = load_config(TINY, [f"data.uri={root / 'prepared'}", f"data.image_size={SIZE}"])
-    method = build_method(config.method, config.model, 3, [1, 1, 1])
+    method = create_method(config.method, config.model, 3, [1, 1, 1])
     model = method.build_model()
     save_checkpoint(
         root / "checkpoint",
@@ -186,7 +186,7 @@ def test_exported_program_predicts_what_the_ray_path_predicts_without_the_packag
 def test_exported_program_equals_the_checkpoints_classifier(method_name):
     """Every network kind exports to a program whose logits are the method's test-time logits, for any batch size."""
     config = load_config(TINY, [f"method.name={method_name}"])
-    method = build_method(config.method, config.model, 3, [5, 2, 1])
+    method = create_method(config.method, config.model, 3, [5, 2, 1])
     model = method.build_model().eval()
     state = {"config": config.to_dict(), "class_names": ["a", "b", "c"], "model": model.state_dict()}
     program = export_program(inference_module(state), SIZE).module()

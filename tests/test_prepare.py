@@ -268,7 +268,8 @@ def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen,
     from proco_ray.data.manifest import check_manifest, read_manifest
     from proco_ray.data.pipeline import build_dataset
     from proco_ray.data.sources import HAM10000_LOCATIONS
-    from proco_ray.engine.feeds import TrainInput, local_feed
+    from proco_ray.data.train_input import TrainInput
+    from proco_ray.engine.feeds import local_feed
     from proco_ray.engine.loop import WorkerEnv, train_worker
 
     source = datagen.isic(tmp_path / "isic")

@@ -10,9 +10,9 @@ import torch
 
 from proco_ray.config import load_config
 from proco_ray.data.synthetic import generate_images
-from proco_ray.engine.checkpoint import STAGING_PREFIX, CheckpointError, load_checkpoint, staging_directory
+from proco_ray.engine.checkpoint import STAGING_PREFIX, CheckpointError, CheckpointFolder, load_checkpoint, staging_directory
 from proco_ray.engine.feeds import tensor_feed
-from proco_ray.engine.loop import LocalCheckpoints, WorkerEnv, train_worker, warmup_cosine
+from proco_ray.engine.loop import WorkerEnv, train_worker, warmup_cosine
 
 TINY = Path(__file__).parent / "tiny.yaml"
 OVERRIDES = ["optim.epochs=3"]
@@ -35,7 +35,7 @@ def test_warmup_cosine_schedule():
 @pytest.mark.parametrize("method", ["proco", "cl_resample"])
 def test_loop_reports_every_epoch_and_test_of_the_best_validation_epoch(tmp_path, method):
     config = load_config(TINY, OVERRIDES + [f"method.name={method}"])
-    reports = LocalCheckpoints(tmp_path / "ckpt", keep=1)
+    reports = CheckpointFolder(tmp_path / "ckpt", keep=1)
     metrics = train_worker(config, small_feed(), WorkerEnv(report=reports, log_dir=tmp_path / "tb", print_progress=False))
     history = reports.history
     assert [m["epoch"] for m in history] == [1, 2, 3]
@@ -54,10 +54,10 @@ def test_loop_reports_every_epoch_and_test_of_the_best_validation_epoch(tmp_path
 
 def test_resume_continues_exactly(tmp_path):
     config = load_config(TINY, OVERRIDES)
-    straight = LocalCheckpoints(tmp_path / "straight", keep=3)
+    straight = CheckpointFolder(tmp_path / "straight", keep=3)
     train_worker(config, small_feed(), WorkerEnv(report=straight, print_progress=False))
 
-    resumed = LocalCheckpoints(tmp_path / "resumed", keep=3)
+    resumed = CheckpointFolder(tmp_path / "resumed", keep=3)
     from_epoch_2 = straight.directory / "checkpoint_epoch_0002"
     train_worker(config, small_feed(), WorkerEnv(report=resumed, resume_from=from_epoch_2, print_progress=False))
     assert [m["epoch"] for m in resumed.history] == [3]
@@ -72,7 +72,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path):
     config = load_config(TINY, OVERRIDES + ["optim.epochs=1"])
-    reports = LocalCheckpoints(tmp_path / "ckpt")
+    reports = CheckpointFolder(tmp_path / "ckpt")
     train_worker(config, small_feed(), WorkerEnv(report=reports, print_progress=False))
     other = load_config(TINY, OVERRIDES + ["model.feat_dim=8"])
     with pytest.raises(CheckpointError, match="model.feat_dim"):
@@ -115,24 +115,40 @@ def test_a_collapsed_run_says_so_in_its_progress_line_and_metrics(tmp_path, caps
 
     monkeypatch.setattr(loop, "COLLAPSE_FRACTION", 10.0)  # every embedding counts as collapsed
     config = load_config(TINY, OVERRIDES + ["optim.epochs=1"])
-    metrics = train_worker(config, small_feed(), WorkerEnv(report=LocalCheckpoints(tmp_path / "c"), log_dir=tmp_path / "tb"))
+    metrics = train_worker(config, small_feed(), WorkerEnv(report=CheckpointFolder(tmp_path / "c"), log_dir=tmp_path / "tb"))
     assert metrics["train/collapsed"] == 1.0
     assert "COLLAPSED: embedding_std" in capsys.readouterr().out
 
 
 def test_the_checkpoint_kept_as_best_is_the_selected_epoch_also_on_ties(tmp_path):
     """Ties in val macro-F1 go to the earlier epoch, for the loop's selection and for the kept checkpoints alike."""
-    from proco_ray.engine.loop import CHECKPOINT_SCORE, is_better, selection_score
+    from proco_ray.engine.loop import checkpoint_score, is_better
+    from proco_ray.metric_keys import CHECKPOINT_SCORE
 
-    kept = LocalCheckpoints(tmp_path / "kept", keep=1)
+    reports: list[dict] = []
     best: dict = {}
     for epoch, val in enumerate([0.5, 0.9, 0.9, 0.7], 1):
-        metrics = {"epoch": epoch, "val/macro_f1": val, CHECKPOINT_SCORE: selection_score(val, epoch)}
+        metrics = {"epoch": epoch, "val/macro_f1": val, CHECKPOINT_SCORE: checkpoint_score(val, epoch)}
         if is_better(metrics, best):
             best = {"best/epoch": epoch, "best/val_macro_f1": val}
-        source = tmp_path / f"src{epoch}"
-        source.mkdir()
-        (source / "marker").write_text(str(epoch))
-        kept(metrics, source)
+        reports.append(metrics)
+    kept_as_best = max(reports, key=lambda m: m[CHECKPOINT_SCORE])  # Ray Train's CheckpointConfig: score order "max"
     assert best["best/epoch"] == 2
-    assert (kept.best / "marker").read_text() == "2"
+    assert kept_as_best["epoch"] == 2
+
+
+def test_a_checkpoint_folder_keeps_the_newest_checkpoints_whole_and_the_history_first(tmp_path):
+    import json
+
+    folder = CheckpointFolder(tmp_path / "trial", keep=2, history_file=tmp_path / "history.json")
+    for epoch in (1, 2, 3):
+        source = tmp_path / f"staged{epoch}"
+        source.mkdir()
+        (source / "checkpoint.pt").write_text(str(epoch))
+        folder({"epoch": epoch}, source)
+    assert [epoch for epoch, _ in folder.checkpoints()] == [2, 3]
+    assert (folder.latest / "checkpoint.pt").read_text() == "3"
+    assert json.loads((tmp_path / "history.json").read_text()) == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    assert not list((tmp_path / "trial").glob(".*partial")) and not (tmp_path / "history.json.partial").exists()
+    (tmp_path / "trial" / ".checkpoint_epoch_0004.partial").mkdir()  # a copy a killed process left half done
+    assert [epoch for epoch, _ in CheckpointFolder(tmp_path / "trial").checkpoints()] == [2, 3]

@@ -19,12 +19,15 @@ with the same global batch makes, and nothing is read back to the host (no synch
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
+
+from proco_ray.config import Augmentation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,7 +59,7 @@ RECIPES = {
     "moco_v2": Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5),
     "supervised": Recipe(scale=(0.5, 1.0), vflip_p=0.5, jitter=(0.2, 0.2, 0.2, 0.02), jitter_p=1.0),
 }
-AUGMENTATIONS = (*RECIPES, "none")
+AUGMENTATIONS = typing.get_args(Augmentation)  # the recipes and "none"
 
 # Columns of the uniform row drawn per image and view.
 _SCALE, _RATIO = slice(0, CROP_ATTEMPTS), slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)

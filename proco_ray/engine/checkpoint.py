@@ -7,6 +7,7 @@ process resuming without Ray.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -103,3 +104,59 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], class_names:
         raise CheckpointError(
             f"checkpoint is incompatible: its classes are {list(state['class_names'])}, the data's are {list(class_names)}"
         )
+
+
+EPOCH_FOLDER_PREFIX = "checkpoint_epoch_"
+
+
+class CheckpointFolder:
+    """The training loop's `report` for a plain process (local-sweep, tests): the reports so far, optionally
+    written to `history_file` first, and the newest `keep` checkpoints as `checkpoint_epoch_NNNN` folders.
+
+    A checkpoint is copied in under a partial name and renamed into place when whole, so a process killed at
+    any point leaves complete checkpoints only, and a history that reaches at least the newest of them.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 1,
+        history_file: Path | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.history_file = history_file
+        self.history: list[dict[str, Any]] = list(history or [])
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The complete checkpoint folders, oldest first, with their epochs."""
+        found = self.directory.glob(f"{EPOCH_FOLDER_PREFIX}[0-9]*")
+        return sorted((int(d.name[len(EPOCH_FOLDER_PREFIX) :]), d) for d in found if d.is_dir())
+
+    @property
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.history.append(metrics)
+        if self.history_file is not None:
+            partial = self.history_file.with_name(self.history_file.name + ".partial")
+            partial.write_text(json.dumps(self.history))
+            partial.replace(self.history_file)
+        if checkpoint_dir is not None:
+            self.add(checkpoint_dir, int(metrics["epoch"]))
+
+    def add(self, checkpoint_dir: Path, epoch: int) -> Path:
+        """Copy a new checkpoint in, rename it into place, then drop all but the newest `keep`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{EPOCH_FOLDER_PREFIX}{epoch:04d}"
+        partial = self.directory / f".{target.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        for _, older in self.checkpoints()[: -self.keep]:
+            shutil.rmtree(older, ignore_errors=True)
+        return target

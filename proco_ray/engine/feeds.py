@@ -16,23 +16,9 @@ import torch
 from torch import Tensor
 
 from proco_ray.data.sampling import epoch_rows
+from proco_ray.data.train_input import TrainInput
 
 Batch = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class TrainInput:
-    """What a training stage reads: class-balanced or not, which augmentation, one view or two."""
-
-    resample: bool = False
-    augmentation: str = "moco_v2"
-    views: int = 2
-
-    @property
-    def dataset(self) -> str:
-        """The Ray Dataset that feeds it: the rows are the same for every augmentation and number of views
-        (the worker makes the views), so only the sampling tells datasets apart."""
-        return "train_resampled" if self.resample else "train_shuffled"
 
 
 @dataclass

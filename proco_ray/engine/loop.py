@@ -22,12 +22,33 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proco_ray.config import Config, ConfigError
+from proco_ray.config import Config, ConfigError, OptimConfig
 from proco_ray.data.augment import eval_view, make_views, view_generator
+from proco_ray.data.train_input import TrainInput
 from proco_ray.engine import distributed
 from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint, staging_directory
-from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
-from proco_ray.method.registry import Method, ProCo, Stage, build_method, train_input, unwrap
+from proco_ray.engine.feeds import Batch, DataFeed
+from proco_ray.method.base import Method, Stage, unwrap
+from proco_ray.method.registry import create_method, stages_for
+from proco_ray.metric_keys import (
+    BEST_EPOCH,
+    BEST_VAL_MACRO_F1,
+    CHECKPOINT_SCORE,
+    COLLAPSED,
+    DATA_WAIT_SHARE,
+    EMBEDDING_STD,
+    EPOCH,
+    IMAGES_PER_S,
+    LAST_TEST,
+    SCALAR_METRICS,
+    STAGE,
+    TEST,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_STEPS,
+    VAL,
+    VAL_MACRO_F1,
+)
 from proco_ray.metrics import metrics_from_confusion
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -167,10 +188,10 @@ def train_one_epoch(
         raise RuntimeError(f"epoch {epoch} produced no training batch: the training split is smaller than one batch")
     elapsed = time.perf_counter() - start
     logs = distributed.mean_over_ranks({f"train/{k}": v / steps for k, v in totals.items()})
-    logs["train/lr"] = optimizer.param_groups[0]["lr"]
-    logs["train/images_per_s"] = images * distributed.world_size() / elapsed
-    logs["train/data_wait_share"] = data_wait / elapsed
-    logs["train/steps"] = steps
+    logs[TRAIN_LR] = optimizer.param_groups[0]["lr"]
+    logs[IMAGES_PER_S] = images * distributed.world_size() / elapsed
+    logs[DATA_WAIT_SHARE] = data_wait / elapsed
+    logs[TRAIN_STEPS] = steps
     return logs
 
 
@@ -207,16 +228,12 @@ def evaluate(
     return metrics_from_confusion(confusion.cpu().numpy(), class_names)
 
 
-SELECTION_METRIC = "val/macro_f1"
-LAST_TEST = "last/test"  # the test metrics of the last epoch, which the cosine schedule ends at lr 0: no selection
-BEST_EPOCH, BEST_SCORE = "best/epoch", "best/val_macro_f1"
-# What checkpoints are ranked by: val macro-F1 with ties going to the earlier epoch, as `is_better` selects,
-# so the checkpoint kept as best is always the selected epoch's.
-CHECKPOINT_SCORE = "val/selection_score"
 TIE_BREAK = 1e-9
 
 
-def selection_score(val_macro_f1: float, epoch: int) -> float:
+def checkpoint_score(val_macro_f1: float, epoch: int) -> float:
+    """What checkpoints are ranked by (CHECKPOINT_SCORE): val macro-F1 with ties going to the earlier epoch,
+    as `is_better` selects, so the checkpoint kept as best is always the selected epoch's."""
     return val_macro_f1 - TIE_BREAK * epoch
 
 
@@ -226,13 +243,13 @@ COLLAPSE_DOC = "docs/method.md#collapse-guard"
 
 def is_better(metrics: dict[str, Any], best: dict[str, float]) -> bool:
     """Model selection on validation: a strictly higher val macro-F1 than every earlier epoch."""
-    return not best or metrics[SELECTION_METRIC] > best[BEST_SCORE]
+    return not best or metrics[VAL_MACRO_F1] > best[BEST_VAL_MACRO_F1]
 
 
 def collapse_warning(metrics: dict[str, Any], feat_dim: int) -> str | None:
     """A message when the contrastive embedding has collapsed: embedding_std below COLLAPSE_FRACTION of
     the 1/sqrt(feat_dim) of features spread over the sphere (0.025 for 64 dimensions)."""
-    value = metrics.get("train/embedding_std")
+    value = metrics.get(EMBEDDING_STD)
     threshold = COLLAPSE_FRACTION / math.sqrt(feat_dim)
     if value is None or value >= threshold:
         return None
@@ -244,7 +261,7 @@ def collapse_warning(metrics: dict[str, Any], feat_dim: int) -> str | None:
 
 def flat_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
     """Scalars for reporting: the headline metrics and per-class recall by class name."""
-    out = {f"{prefix}/{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "balanced_accuracy", "qwk")}
+    out = {f"{prefix}/{k}": float(metrics[k]) for k in SCALAR_METRICS}
     for name, recall in zip(metrics["class_names"], metrics["recall"]):
         out[f"{prefix}/recall/{name}"] = float(recall)
     return out
@@ -276,20 +293,63 @@ class ScalarLog:
             self.writer.close()
 
 
-def method_state_scalars(method: Method, class_names: list[str]) -> dict[str, float]:
-    """ProCo's recalibration weight per class and the class histogram of its queue."""
-    if not isinstance(method, ProCo):
-        return {}
-    out = {f"recalibration/{n}": float(w) for n, w in zip(class_names, method.recalibration.weights)}
-    _, labels, _ = method.queue.contents()
-    counts = torch.bincount(labels.cpu(), minlength=len(class_names))
-    out.update({f"queue/{n}": float(c) for n, c in zip(class_names, counts)})
-    return out
-
-
 def _check_device(config: Config, device: torch.device) -> None:
     if config.model.batch_norm == "sync" and device.type != "cuda":
         raise ConfigError("model.batch_norm=sync needs CUDA devices (SyncBatchNorm); use 'shuffle' on CPU")
+
+
+def make_optimizer(method: Method, model: nn.Module, stage: Stage, optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD with momentum over what the stage trains."""
+    return torch.optim.SGD(
+        method.trainable_parameters(model, stage), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, stage: Stage, steps_per_epoch: int, optim: OptimConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step warm-up and cosine decay over the stage, ending at lr 0."""
+    warmup = min(optim.warmup_epochs, stage.epochs) * steps_per_epoch
+    schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=stage.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def checkpoint_state(
+    config: Config,
+    class_names: list[str],
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stage: Stage,
+    metrics: dict[str, Any],
+    best: dict[str, float],
+    global_step: int,
+) -> dict[str, Any]:
+    """Everything an exact resume needs after this epoch. No random state: every epoch reseeds from
+    (seed, epoch), so a resumed run draws what an unbroken one draws."""
+    return {
+        "config": config.to_dict(),
+        "class_names": class_names,
+        "model": unwrap(model).state_dict(),
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stage": stage.name,
+        "epoch": metrics[EPOCH],
+        "global_step": global_step,
+        "metrics": metrics,
+        "best": best,
+    }
+
+
+def progress_line(metrics: dict[str, Any], best: dict[str, float], total_epochs: int, eta_s: float, collapse: str | None) -> str:
+    return (
+        f"epoch {metrics[EPOCH]}/{total_epochs} [{metrics[STAGE]}] loss {metrics[TRAIN_LOSS]:.4f} "
+        f"val acc {metrics[f'{VAL}/accuracy']:.3f} macro-F1 {metrics[VAL_MACRO_F1]:.3f} "
+        f"bal-acc {metrics[f'{VAL}/balanced_accuracy']:.3f} (best epoch {best[BEST_EPOCH]}) "
+        f"| {metrics[IMAGES_PER_S]:.0f} img/s | ETA {eta_s:.0f}s" + (f" | {collapse}" if collapse else "")
+    )
 
 
 def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, Any]:
@@ -305,7 +365,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     _check_device(config, device)
     rank = distributed.rank()
     seed_everything(epoch_seed(config.train.seed, -1))
-    method = build_method(config.method, config.model, len(feed.class_names), feed.class_counts)
+    method = create_method(config.method, config.model, len(feed.class_names), feed.class_counts)
     model = method.build_model()
     state = None
     if env.resume_from is not None:
@@ -321,40 +381,28 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     global_step = state["global_step"] if state else 0
     log = ScalarLog(env.log_dir, enabled=rank == 0)
     total_epochs = config.optim.epochs
-    steps_per_epoch = (
-        feed.steps_per_epoch
-        if config.train.max_steps_per_epoch is None
-        else min(feed.steps_per_epoch, config.train.max_steps_per_epoch)
-    )
+    steps_per_epoch = min(feed.steps_per_epoch, config.train.max_steps_per_epoch or feed.steps_per_epoch)
+    has_test = config.data.test_split in feed.eval_splits
     metrics: dict[str, Any] = {}
-    offset = 0
 
     def evaluate_split(split: str) -> dict[str, Any]:
         return evaluate(
             model, method, feed.eval_batches(split), device, feed.class_names, config.data.image_size, config.optim.amp
         )
 
-    run_start, epochs_run = time.perf_counter(), 0
+    run_start, epochs_run, offset = time.perf_counter(), 0, 0
     try:
-        for stage in method.stages(total_epochs):
+        for stage in stages_for(config.method, total_epochs, config.data.augmentation):
             end = offset + stage.epochs
             if start_epoch >= end:
                 offset = end
                 continue
             method.enter_stage(model, stage)
-            optimizer = torch.optim.SGD(
-                method.trainable_parameters(model, stage),
-                lr=config.optim.lr,
-                momentum=config.optim.momentum,
-                weight_decay=config.optim.weight_decay,
-            )
-            warmup = min(config.optim.warmup_epochs, stage.epochs) * steps_per_epoch
-            schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=stage.epochs * steps_per_epoch)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            optimizer = make_optimizer(method, model, stage, config.optim)
+            scheduler = make_scheduler(optimizer, stage, steps_per_epoch, config.optim)
             if state and state.get("stage") == stage.name and start_epoch > offset:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
-            source = train_input(stage, config.data.augmentation)
             for epoch in range(max(start_epoch, offset), end):
                 seed_everything(epoch_seed(config.train.seed, epoch, rank))
                 method.reseed(epoch_seed(config.train.seed, epoch), device)
@@ -364,97 +412,51 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     method,
                     optimizer,
                     scheduler,
-                    feed.train_batches(source, epoch),
+                    feed.train_batches(stage.input, epoch),
                     stage,
                     epoch,
                     device,
-                    view_maker(source, config.data.image_size, views),
+                    view_maker(stage.input, config.data.image_size, views),
                     amp=config.optim.amp,
                     max_steps=steps_per_epoch,
                     progress_every=config.train.log_every_steps if env.print_progress and rank == 0 else 0,
                 )
-                global_step += int(train_logs["train/steps"])
-                val = evaluate_split(config.data.val_split)
-                metrics = {**train_logs, **flat_metrics("val", val), "epoch": epoch + 1, "stage": stage.name}
-                has_test = config.data.test_split in feed.eval_splits
+                global_step += int(train_logs[TRAIN_STEPS])
+                metrics = {
+                    **train_logs,
+                    **flat_metrics(VAL, evaluate_split(config.data.val_split)),
+                    EPOCH: epoch + 1,
+                    STAGE: stage.name,
+                }
                 test = None
                 if is_better(metrics, best):
-                    best = {BEST_EPOCH: epoch + 1, BEST_SCORE: metrics[SELECTION_METRIC]}
+                    best = {BEST_EPOCH: epoch + 1, BEST_VAL_MACRO_F1: metrics[VAL_MACRO_F1]}
                     if has_test:
                         test = evaluate_split(config.data.test_split)
-                        best.update(flat_metrics("test", test))
+                        best.update(flat_metrics(TEST, test))
                 metrics.update(best)
                 if has_test and epoch + 1 == total_epochs:
                     metrics.update(flat_metrics(LAST_TEST, test or evaluate_split(config.data.test_split)))
-                metrics[CHECKPOINT_SCORE] = selection_score(metrics[SELECTION_METRIC], epoch + 1)
+                metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics[VAL_MACRO_F1], epoch + 1)
                 collapse = collapse_warning(metrics, config.model.feat_dim)
-                metrics["train/collapsed"] = float(collapse is not None)
+                metrics[COLLAPSED] = float(collapse is not None)
                 log.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
-                log.scalars(method_state_scalars(method, feed.class_names), epoch + 1)
+                log.scalars(method.state_scalars(feed.class_names), epoch + 1)
                 if collapse is not None:
                     log.text("train/collapse", collapse, epoch + 1)
                 epochs_run += 1
                 if env.print_progress and rank == 0:
-                    per_epoch = (time.perf_counter() - run_start) / epochs_run
-                    say(
-                        f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {metrics['train/loss']:.4f} "
-                        f"val acc {metrics['val/accuracy']:.3f} macro-F1 {metrics['val/macro_f1']:.3f} "
-                        f"bal-acc {metrics['val/balanced_accuracy']:.3f} (best epoch {best[BEST_EPOCH]}) "
-                        f"| {metrics['train/images_per_s']:.0f} img/s | ETA {per_epoch * (total_epochs - epoch - 1):.0f}s"
-                        + (f" | {collapse}" if collapse else "")
-                    )
-                checkpoint_state = {
-                    "config": config.to_dict(),
-                    "class_names": feed.class_names,
-                    "model": unwrap(model).state_dict(),
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "stage": stage.name,
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "metrics": metrics,
-                    "best": best,
-                }
+                    eta = (time.perf_counter() - run_start) / epochs_run * (total_epochs - epoch - 1)
+                    say(progress_line(metrics, best, total_epochs, eta, collapse))
                 if rank == 0 and env.save_checkpoints:
+                    state_now = checkpoint_state(
+                        config, feed.class_names, model, method, optimizer, scheduler, stage, metrics, best, global_step
+                    )
                     with staging_directory() as tmp:
-                        env.report(metrics, save_checkpoint(tmp, checkpoint_state))
+                        env.report(metrics, save_checkpoint(tmp, state_now))
                 else:
                     env.report(metrics, None)
             offset = end
     finally:
         log.close()
     return metrics
-
-
-class LocalCheckpoints:
-    """A `Report` for a plain process: keeps the best `keep` checkpoints by validation macro-F1 in a folder."""
-
-    def __init__(self, directory: str | Path, keep: int = 2, metric: str = CHECKPOINT_SCORE) -> None:
-        self.directory = Path(directory)
-        self.keep = keep
-        self.metric = metric
-        self.kept: list[tuple[float, int, Path]] = []
-        self.latest: Path | None = None
-        self.history: list[dict[str, Any]] = []
-
-    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        self.history.append(metrics)
-        if checkpoint_dir is None:
-            return
-        import shutil
-
-        target = self.directory / f"checkpoint_epoch_{metrics['epoch']:04d}"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, target)
-        self.latest = target
-        self.kept.append((float(metrics[self.metric]), int(metrics["epoch"]), target))
-        self.kept.sort(key=lambda item: (item[0], item[1]), reverse=True)
-        for _, _, stale in self.kept[self.keep :]:
-            if stale != self.latest:
-                shutil.rmtree(stale, ignore_errors=True)
-        self.kept = [item for item in self.kept[: self.keep]] + [i for i in self.kept[self.keep :] if i[2] == self.latest]
-
-    @property
-    def best(self) -> Path | None:
-        return self.kept[0][2] if self.kept else None

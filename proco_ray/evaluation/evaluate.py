@@ -19,7 +19,7 @@ from proco_ray.data.pipeline import build_dataset
 from proco_ray.engine.checkpoint import CHECKPOINT_FILE, CHECKPOINT_HELP, CheckpointError, load_checkpoint
 from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
 from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.method.registry import build_method
+from proco_ray.method.registry import create_method
 from proco_ray.metrics import (
     calibration_error_of_bins,
     confusion_matrix,
@@ -37,7 +37,8 @@ def best_checkpoint(uri: str) -> str:
 
     Checkpoints are looked up by name inside `uri`, so a run folder that was moved or copied still works.
     """
-    from proco_ray.launch.trainer import CHECKPOINT_METRIC, RAY_TRAIN_SNAPSHOT
+    from proco_ray.launch.trainer import RAY_TRAIN_SNAPSHOT
+    from proco_ray.metric_keys import CHECKPOINT_SCORE
 
     uri = uri.rstrip("/")
     with storage_errors(uri):
@@ -50,7 +51,7 @@ def best_checkpoint(uri: str) -> str:
         candidates.append(json.loads(summary)["best_checkpoint"].rstrip("/").rsplit("/", 1)[-1])
     if snapshot is not None:
         registered = [r for r in json.loads(snapshot).get("checkpoint_results", []) if r.get("checkpoint_dir_name")]
-        registered.sort(key=lambda r: r.get("metrics", {}).get(CHECKPOINT_METRIC, float("-inf")), reverse=True)
+        registered.sort(key=lambda r: r.get("metrics", {}).get(CHECKPOINT_SCORE, float("-inf")), reverse=True)
         candidates += [r["checkpoint_dir_name"] for r in registered]
     for name in candidates:
         if read_bytes(join(uri, name, CHECKPOINT_FILE)) is not None:
@@ -86,7 +87,7 @@ def restore_model(state: dict[str, Any], device: torch.device | None = None) -> 
     when there is one)."""
     config = config_from_dict(state["config"])
     classes = len(state["class_names"])
-    method = build_method(config.method, config.model, classes, [1] * classes)
+    method = create_method(config.method, config.model, classes, [1] * classes)
     model = method.build_model()
     model.load_state_dict(state["model"])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-READINGS = {"best-validation epoch": "test/macro_f1", "last epoch": "last/test/macro_f1"}
+from proco_ray.metric_keys import LAST_TEST_MACRO_F1, TEST_MACRO_F1
+
+READINGS = {"best-validation epoch": TEST_MACRO_F1, "last epoch": LAST_TEST_MACRO_F1}
 TRIAL_NAME = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
 
 

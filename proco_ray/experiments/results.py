@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from proco_ray.evaluation.report import markdown_table, plot_epochs_reached, plot_grouped_bars, plot_trial_curves, write_csv
-from proco_ray.experiments.spec import SEED_KEY, SELECTION_METRIC, Experiment, trial_overrides
+from proco_ray.experiments.spec import SEED_KEY, SELECTED_VAL_COLUMN, Experiment, trial_overrides
 from proco_ray.experiments.stats import (
     TrialRecord,
     asha_rungs,
@@ -25,6 +25,7 @@ from proco_ray.experiments.stats import (
     summarise_groups,
     table_rows,
 )
+from proco_ray.metric_keys import BEST_EPOCH, VAL_MACRO_F1
 from proco_ray.storage.s3 import is_s3, join, resolve
 
 
@@ -67,7 +68,7 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
                 "seed": r.params.get(SEED_KEY, ""),
                 "outcome": outcome(r, max_epochs),
                 "epochs": r.epochs,
-                "best epoch": last.get("best/epoch", ""),
+                "best epoch": last.get(BEST_EPOCH, ""),
                 "metrics from": source,
                 **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
                 experiment.metric: last.get(experiment.metric, ""),
@@ -83,7 +84,7 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
     top = best_trial(records, experiment.metric, experiment.mode)
     if best is not None:
         variants = {k: dict(v) for k, v in experiment.variants.items()}
-        val_mean, val_std = best.side[SELECTION_METRIC]
+        val_mean, val_std = best.side[SELECTED_VAL_COLUMN]
         best_yaml = {
             "variant": best.group,
             "overrides": trial_overrides(variants, best.params),
@@ -95,7 +96,7 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
         (out / "best.yaml").write_text(yaml.safe_dump(best_yaml, sort_keys=False))
         names["best"] = "best.yaml"
 
-    for metric in dict.fromkeys((experiment.metric, "val/macro_f1")):
+    for metric in dict.fromkeys((experiment.metric, VAL_MACRO_F1)):
         points = curves(records, metric)
         stopped = [f"{r.group} [{r.trial_id}]" for r in records if outcome(r, max_epochs) == "stopped"]
         file = f"curves_{metric.replace('/', '_')}.png"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,39 +47,29 @@ from proco_ray.config import (
     ConfigError,
     closest_match,
     config_from_dict,
+    config_keys,
     find_named_file,
+    flatten,
     load_config,
     merge,
     nest,
     parse_overrides,
 )
+from proco_ray.metric_keys import BEST_VAL_MACRO_F1, EMBEDDING_STD, EPOCH_METRICS, LAST_TEST_MACRO_F1, VAL_MACRO_F1
 
 CONFIG_TUNE_DIR = CONFIG_DIR / "tune"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 VARIANT_KEY = "variant"
 SEED_KEY = "train.seed"
-HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy")
 # Shown beside the headline test metrics: the validation score the model was selected on, the collapse monitor,
-# and the test macro-F1 of the last epoch (no selection on validation).
-SELECTION_METRIC = "selected val macro_f1"
-LAST_EPOCH_TEST = "last-epoch test macro_f1"
+# and the test macro-F1 of the last epoch (no selection on validation); column label -> metric key.
+SELECTED_VAL_COLUMN = "selected val macro_f1"
+LAST_EPOCH_TEST_COLUMN = "last-epoch test macro_f1"
 SIDE_METRICS = {
-    SELECTION_METRIC: "best/val_macro_f1",
-    "embedding_std": "train/embedding_std",
-    LAST_EPOCH_TEST: "last/test/macro_f1",
+    SELECTED_VAL_COLUMN: BEST_VAL_MACRO_F1,
+    "embedding_std": EMBEDDING_STD,
+    LAST_EPOCH_TEST_COLUMN: LAST_TEST_MACRO_F1,
 }
-# Reported by every worker in every epoch (see train_loop.train_worker); test/* (of the best-validation
-# epoch so far) only when the data has a test split.
-EPOCH_METRICS = (
-    "epoch",
-    "train/loss",
-    "train/lr",
-    "train/images_per_s",
-    "val/accuracy",
-    "val/macro_f1",
-    "val/balanced_accuracy",
-    "val/qwk",
-)
 DRIVER_CPUS = 1.0  # the Tune trial actor that drives a trial's TorchTrainer (its controller takes 0 CPUs)
 
 
@@ -117,7 +106,7 @@ class Experiment:
     seeds: tuple[int, ...] = ()
     search_space: Mapping[str, Domain] = field(default_factory=dict)
     num_samples: int = 1
-    metric: str = "val/macro_f1"
+    metric: str = VAL_MACRO_F1
     mode: str = "max"
     asha: Asha | None = field(default_factory=Asha)
 
@@ -140,18 +129,6 @@ class Experiment:
 EXPERIMENT_KEYS = tuple(f.name for f in dataclasses.fields(Experiment))
 
 
-def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every settable dotted key of the Config schema (method.gamma, optim.lr, ...)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
 def check_key(key: str, where: str) -> None:
     """An unknown dotted key is an error naming it and the closest valid key."""
     valid = config_keys()
@@ -169,16 +146,9 @@ def yaml_number(value: Any) -> Any:
     return value
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'method': {'gamma': 4}} -> {'method.gamma': 4}; dotted keys pass through."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = yaml_number(value)
-    return out
+def flat_overrides(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides as dotted keys with YAML's numbers read as numbers (config.flatten)."""
+    return {key: yaml_number(value) for key, value in flatten(tree).items()}
 
 
 def parse_domain(key: str, spec: Any) -> Domain:
@@ -221,7 +191,7 @@ def experiment_from_dict(values: Mapping[str, Any], default_name: str = "experim
     for name, overrides in variants.items():
         if overrides is not None and not isinstance(overrides, Mapping):
             raise ConfigError(f"variants.{name} must be a mapping of overrides, got {overrides!r}")
-        parsed_variants[str(name)] = flatten(overrides or {})
+        parsed_variants[str(name)] = flat_overrides(overrides or {})
     space = values.get("search_space") or {}
     if not isinstance(space, Mapping):
         raise ConfigError(f"search_space must be a mapping, got {space!r}")
@@ -239,31 +209,21 @@ def experiment_from_dict(values: Mapping[str, Any], default_name: str = "experim
         name=str(values.get("name") or default_name),
         description=str(values.get("description") or ""),
         base=values.get("base"),
-        overrides=flatten(values.get("overrides") or {}),
+        overrides=flat_overrides(values.get("overrides") or {}),
         variants=parsed_variants,
         seeds=tuple(seeds),
-        search_space={str(k): parse_domain(str(k), v) for k, v in flatten_space(space).items()},
+        search_space={str(k): parse_domain(str(k), v) for k, v in flatten(space, is_leaf=is_domain).items()},
         num_samples=int(values.get("num_samples", 1)),
-        metric=str(values.get("metric", "val/macro_f1")),
+        metric=str(values.get("metric", VAL_MACRO_F1)),
         mode=str(values.get("mode", "max")),
         asha=None if asha is None else Asha(**{k: yaml_number(v) for k, v in asha.items()}),
     )
     return experiment
 
 
-def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Like `flatten`, but a mapping whose only key is a search kind is a domain, not a section."""
-    out: dict[str, Any] = {}
-    for key, value in space.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and not (len(value) == 1 and next(iter(value)) in SEARCH_KINDS):
-            if any(k in SEARCH_KINDS for k in value):
-                out[dotted] = value  # malformed domain: let parse_domain say why
-            else:
-                out.update(flatten_space(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
+def is_domain(value: Any) -> bool:
+    """A search-space mapping names a search kind (a domain, malformed or not), not a config section."""
+    return isinstance(value, Mapping) and any(k in SEARCH_KINDS for k in value)
 
 
 def resolve_experiment_path(name: str | Path) -> Path:
@@ -336,11 +296,11 @@ def trial_config(
 
 def check_values(config: Config, where: str) -> None:
     """Method-level constraints (gamma, E, tau, loss name, stages) that config types alone do not catch."""
-    from proco_ray.method.registry import METHODS, build_method
+    from proco_ray.method.registry import create_method, stages_for
 
     try:
-        build_method(config.method, config.model, 2, [1, 1])
-        METHODS[config.method.name].stages_for(config.method, config.optim.epochs)
+        create_method(config.method, config.model, 2, [1, 1])
+        stages_for(config.method, config.optim.epochs, config.data.augmentation)
     except ValueError as error:
         raise ConfigError(f"{where}: {error}") from None
 

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proco_ray.experiments.spec import HEADLINE, SEED_KEY, SELECTION_METRIC, SIDE_METRICS, VARIANT_KEY, Experiment
+from proco_ray.experiments.spec import SEED_KEY, SELECTED_VAL_COLUMN, SIDE_METRICS, VARIANT_KEY, Experiment
+from proco_ray.metric_keys import HEADLINE
 
 
 @dataclass
@@ -102,7 +103,7 @@ def last_reported(history: Sequence[Mapping[str, Any]], key: str) -> float | Non
 
 
 def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Sequence[str] = ()) -> list[GroupSummary]:
-    """Mean ± std over seeds per variant/config; groups in `order` first, then by `selection_score`."""
+    """Mean ± std over seeds per variant/config; groups in `order` first, then by `validation_score`."""
     groups: dict[str, list[TrialRecord]] = {}
     for record in records:
         groups.setdefault(record.group, []).append(record)
@@ -134,7 +135,7 @@ def summarise_groups(records: Sequence[TrialRecord], max_epochs: int, order: Seq
             )
         )
     rank = {name: i for i, name in enumerate(order)}
-    return sorted(out, key=lambda g: (rank.get(g.group, len(rank)), -selection_score(g)))
+    return sorted(out, key=lambda g: (rank.get(g.group, len(rank)), -validation_score(g)))
 
 
 def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str, Any]]:
@@ -162,19 +163,19 @@ def table_rows(groups: Sequence[GroupSummary], markdown: bool) -> list[dict[str,
     return rows
 
 
-def selection_score(group: GroupSummary) -> float:
+def validation_score(group: GroupSummary) -> float:
     """Mean over seeds of the validation macro-F1 each trial's kept checkpoint was selected on (-inf without one).
 
     Settings are chosen on validation: the test metrics the tables report must not choose them.
     """
-    mean = group.side.get(SELECTION_METRIC, (math.nan, math.nan))[0]
+    mean = group.side.get(SELECTED_VAL_COLUMN, (math.nan, math.nan))[0]
     return -math.inf if math.isnan(mean) else mean
 
 
 def best_group(groups: Sequence[GroupSummary]) -> GroupSummary | None:
-    """The variant/config with the highest `selection_score` among groups with a validation score."""
-    scored = [g for g in groups if selection_score(g) > -math.inf]
-    return max(scored, key=selection_score) if scored else None
+    """The variant/config with the highest `validation_score` among groups with a validation score."""
+    scored = [g for g in groups if validation_score(g) > -math.inf]
+    return max(scored, key=validation_score) if scored else None
 
 
 def best_trial(records: Sequence[TrialRecord], metric: str, mode: str) -> TrialRecord | None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from proco_ray.data.decode import RAW
 from proco_ray.engine.checkpoint import CHECKPOINT_HELP
+from proco_ray.metric_keys import VAL
 from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"
@@ -87,7 +88,7 @@ def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | No
         "method": state["config"]["method"]["name"],
         "checkpoint": checkpoint_uri,
         "epoch": int(state["epoch"]),
-        "validation": {k: v for k, v in state.get("metrics", {}).items() if k.startswith("val/")},
+        "validation": {k: v for k, v in state.get("metrics", {}).items() if k.startswith(f"{VAL}/")},
         "config": state["config"],
     }
 

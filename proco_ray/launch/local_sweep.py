@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
-import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from proco_ray.config import Config, ConfigError, load_config, save_config
+from proco_ray.engine.checkpoint import CheckpointFolder
 from proco_ray.experiments.results import write_results
 from proco_ray.experiments.spec import (
     SEED_KEY,
@@ -40,6 +40,7 @@ from proco_ray.experiments.spec import (
 )
 from proco_ray.experiments.stats import TrialRecord, group_label
 from proco_ray.method.registry import resolved
+from proco_ray.metric_keys import VAL_MACRO_F1
 
 
 def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
@@ -64,31 +65,6 @@ def _history_path(out: Path, name: str) -> Path:
     return out / name / "history.json"
 
 
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
-
-
-def latest_checkpoint(trial_dir: Path) -> tuple[Path, int] | None:
-    """The trial's newest complete checkpoint folder and its epoch (folders are renamed into place when whole)."""
-    found = [(int(d.name[len(CHECKPOINT_PREFIX) :]), d) for d in trial_dir.glob(f"{CHECKPOINT_PREFIX}[0-9]*") if d.is_dir()]
-    if not found:
-        return None
-    epoch, folder = max(found)
-    return folder, epoch
-
-
-def keep_latest_checkpoint(trial_dir: Path, checkpoint_dir: Path, epoch: int) -> None:
-    """Copy a new checkpoint in under a partial name, rename it into place, then drop the older ones."""
-    target = trial_dir / f"{CHECKPOINT_PREFIX}{epoch:04d}"
-    partial = trial_dir / f".{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    for older in trial_dir.glob(f"{CHECKPOINT_PREFIX}[0-9]*"):
-        if older != target:
-            shutil.rmtree(older, ignore_errors=True)
-
-
 def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads: int, workers: int) -> dict[str, Any]:
     """One trial in this process; returns {'history': [...]} or {'error': '...'}.
 
@@ -105,32 +81,24 @@ def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads:
     torch.set_num_threads(threads)
     config = config_from_dict(config_dict)
     directory = Path(trial_dir)
-    history: list[dict[str, Any]] = []
-    latest = latest_checkpoint(directory)
-    if latest is not None and (directory / "history.json").is_file():
-        history = [row for row in json.loads((directory / "history.json").read_text()) if row["epoch"] <= latest[1]]
-
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        history.append(metrics)
-        partial = directory / "history.json.partial"
-        partial.write_text(json.dumps(history))
-        partial.replace(directory / "history.json")
-        if checkpoint_dir is not None:
-            keep_latest_checkpoint(directory, checkpoint_dir, int(metrics["epoch"]))
+    folder = CheckpointFolder(directory, keep=1, history_file=directory / "history.json")
+    latest = folder.checkpoints()[-1] if folder.checkpoints() else None
+    if latest is not None and folder.history_file.is_file():
+        folder.history = [row for row in json.loads(folder.history_file.read_text()) if row["epoch"] <= latest[0]]
 
     try:
         feed = local_feed(config.data.uri, config, workers=workers)
         env = WorkerEnv(
             device=torch.device(device),
-            report=report,
+            report=folder,
             print_progress=False,
-            resume_from=latest[0] if latest is not None else None,
+            resume_from=latest[1] if latest is not None else None,
         )
         train_worker(config, feed, env)
-        return {"history": history}
+        return {"history": folder.history}
     except Exception as error:  # noqa: BLE001 - a failed trial is recorded, the sweep goes on
         (directory / "error.txt").write_text(traceback.format_exc())
-        return {"history": history, "error": f"{type(error).__name__}: {error}"}
+        return {"history": folder.history, "error": f"{type(error).__name__}: {error}"}
 
 
 def local_sweep(
@@ -170,9 +138,10 @@ def local_sweep(
         (out / name).mkdir(exist_ok=True)
         (out / name / "error.txt").unlink(missing_ok=True)
         save_config(config, out / name / "config.yaml")
-        latest = latest_checkpoint(out / name)
-        if latest is not None:
-            print(f"{name}: resuming after epoch {latest[1]} of {config.optim.epochs} ({latest[0].name})", flush=True)
+        kept = CheckpointFolder(out / name).checkpoints()
+        if kept:
+            epoch, folder = kept[-1]
+            print(f"{name}: resuming after epoch {epoch} of {config.optim.epochs} ({folder.name})", flush=True)
         todo.append((name, config))
     if not report_only:
         print(
@@ -192,7 +161,7 @@ def local_sweep(
             status = outcome.get("error") or (
                 f"best epoch {last.get('best/epoch')}: val macro-F1 {last.get('best/val_macro_f1', float('nan')):.3f}, "
                 f"test macro-F1 {last.get('test/macro_f1', float('nan')):.3f} (last epoch's val "
-                f"{last.get('val/macro_f1', float('nan')):.3f})"
+                f"{last.get(VAL_MACRO_F1, float('nan')):.3f})"
             )
             print(
                 f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f} s since the sweep began)", flush=True

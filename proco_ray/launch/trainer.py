@@ -29,17 +29,18 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from proco_ray.config import DATA_CPUS, Config, ConfigError, config_from_dict, load_config, save_config
 from proco_ray.data.manifest import Manifest, check_manifest, read_manifest
 from proco_ray.data.pipeline import StoredSplit, build_dataset, store_split
+from proco_ray.data.train_input import TrainInput
 from proco_ray.engine.distributed import process_group_backend
-from proco_ray.engine.feeds import Batch, DataFeed, TrainInput
-from proco_ray.engine.loop import BEST_EPOCH, CHECKPOINT_SCORE, WorkerEnv, train_worker
+from proco_ray.engine.feeds import Batch, DataFeed
+from proco_ray.engine.loop import WorkerEnv, train_worker
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
 from proco_ray.launch.run_claim import claimed, storage_gone
-from proco_ray.method.registry import METHODS, resolved, train_input
+from proco_ray.method.registry import resolved, train_inputs
+from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
 ON_INTERRUPT = "rerun the same command to resume from the run's latest checkpoint"  # printed by the CLI on Ctrl-C
 TRAIN_PREFIX = "train_"  # training datasets are named by TrainInput.dataset: train_shuffled, train_resampled
-CHECKPOINT_METRIC = CHECKPOINT_SCORE
 
 
 def check_resources(config: Config, streams_data: bool = True) -> None:
@@ -71,12 +72,6 @@ def check_gpu_sharing(config: Config) -> None:
             f"train.gpus_per_worker={train.gpus_per_worker:g} puts several workers on one GPU, where NCCL "
             f"(train.dist_backend={train.dist_backend} -> {backend}) refuses to run: set train.dist_backend=gloo"
         )
-
-
-def train_inputs(config: Config) -> list[TrainInput]:
-    """The distinct training inputs of the run's stages (a Ray Dataset per sampling, `TrainInput.dataset`)."""
-    stages = METHODS[config.method.name].stages_for(config.method, config.optim.epochs)
-    return list(dict.fromkeys(train_input(stage, config.data.augmentation) for stage in stages))
 
 
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
@@ -329,7 +324,7 @@ def build_trainer(
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.train.keep_checkpoints,
-                checkpoint_score_attribute=CHECKPOINT_METRIC,
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
@@ -416,7 +411,7 @@ def summarise(result: ray.train.Result, config: Config) -> dict[str, Any]:
     by_epoch = {m.get("epoch"): c for c, m in result.best_checkpoints or []}
     best = by_epoch.get(metrics.get(BEST_EPOCH))
     if best is None and result.best_checkpoints:
-        best = result.get_best_checkpoint(CHECKPOINT_METRIC, "max")
+        best = result.get_best_checkpoint(CHECKPOINT_SCORE, "max")
     return {
         "metrics": metrics,
         "best_checkpoint": storage_uri(best.path, config) if best else None,

@@ -16,10 +16,6 @@ from proco_ray.config import ModelConfig
 from proco_ray.engine.distributed import batch_shuffle, batch_unshuffle
 from proco_ray.errors import ProcoError
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
-BATCH_NORM_MODES = ("shuffle", "sync", "plain")
-NORM_LAYERS = ("batch", "group")
-
 
 class PretrainedWeightsError(ProcoError, RuntimeError):
     """ImageNet weights were asked for but cannot be had."""
@@ -65,10 +61,6 @@ def build_backbone(
     `norm='group'` uses GroupNorm, whose output does not depend on how the batch is
     split across workers (and which needs no SyncBN for small per-GPU batches).
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch must be one of {ARCHITECTURES}, got '{arch}'")
-    if norm not in NORM_LAYERS:
-        raise ValueError(f"model.norm must be one of {NORM_LAYERS}, got '{norm}'")
     norm_layer = _group_norm if norm == "group" else None
     model = torchvision.models.get_model(arch, weights=None, norm_layer=norm_layer)
     if pretrained:
@@ -118,10 +110,6 @@ class ProCoNetwork(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not 0.0 <= model.key_momentum <= 1.0:
-            raise ValueError(f"model.key_momentum must lie in [0, 1], got {model.key_momentum}")
-        if model.batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got '{model.batch_norm}'")
         backbone, dim = build_backbone(model.arch, model.small_input, model.pretrained, model.norm)
         self.encoder_q = Encoder(backbone, dim, model.feat_dim, model.hidden_dim)
         if model.batch_norm == "sync":

@@ -5,10 +5,13 @@ Every function is vectorised over the batch and the bank; none loops over sample
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proco_ray.config import ProtoForm
 from proco_ray.engine.distributed import all_reduce_sum
 from proco_ray.method.losses.checks import check_labels
 
@@ -62,7 +65,7 @@ def proto_loss(pos: Tensor, neg: Tensor, pos_mask: Tensor | None = None, neg_mas
     return F.softplus(lse_neg + lse_pos)
 
 
-PROTO_FORMS = ("eq7", "mean", "split", "circle")
+PROTO_FORMS = typing.get_args(ProtoForm)
 
 
 def contrast_terms(
