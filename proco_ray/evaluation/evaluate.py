@@ -37,7 +37,7 @@ def best_checkpoint(uri: str) -> str:
 
     Checkpoints are looked up by name inside `uri`, so a run folder that was moved or copied still works.
     """
-    from proco_ray.launch.trainer import RAY_TRAIN_SNAPSHOT
+    from proco_ray.launch.ray_compat import RAY_TRAIN_SNAPSHOT, parse_train_snapshot
     from proco_ray.metric_keys import CHECKPOINT_SCORE
 
     uri = uri.rstrip("/")
@@ -50,9 +50,9 @@ def best_checkpoint(uri: str) -> str:
     if summary is not None and json.loads(summary).get("best_checkpoint"):
         candidates.append(json.loads(summary)["best_checkpoint"].rstrip("/").rsplit("/", 1)[-1])
     if snapshot is not None:
-        registered = [r for r in json.loads(snapshot).get("checkpoint_results", []) if r.get("checkpoint_dir_name")]
-        registered.sort(key=lambda r: r.get("metrics", {}).get(CHECKPOINT_SCORE, float("-inf")), reverse=True)
-        candidates += [r["checkpoint_dir_name"] for r in registered]
+        registered = [c for c in parse_train_snapshot(snapshot).kept if c.dir_name]
+        registered.sort(key=lambda c: c.metrics.get(CHECKPOINT_SCORE, float("-inf")), reverse=True)
+        candidates += [c.dir_name for c in registered]
     for name in candidates:
         if read_bytes(join(uri, name, CHECKPOINT_FILE)) is not None:
             return join(uri, name)

@@ -10,9 +10,9 @@ import socket
 
 import ray
 import ray.data
-from ray._private.services import find_bootstrap_address, parse_address
 
 from proco_ray.config import ConfigError
+from proco_ray.launch.ray_compat import STREAMING_EXECUTOR_LOGGER, find_bootstrap_address, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
 # pass over a split (each epoch, in every worker); and Ray Train's own use of a deprecated Ray Data option.
 DROPPED_LINES = {
     "ray.data.dataset": r"Warning: The Ray cluster currently does not have any available CPUs",
-    "ray.data._internal.execution.streaming_executor": r"\S+\s+Dataset \S+ execution finished in ",
+    STREAMING_EXECUTOR_LOGGER: r"\S+\s+Dataset \S+ execution finished in ",
 }
 EXCLUDE_RESOURCES_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -34,6 +33,13 @@ from proco_ray.engine.distributed import process_group_backend
 from proco_ray.engine.feeds import Batch, DataFeed
 from proco_ray.engine.loop import WorkerEnv, train_worker
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
+from proco_ray.launch.ray_compat import (
+    RAY_CHECKPOINT_DIR,
+    RAY_TRAIN_SNAPSHOT,
+    TrainSnapshot,
+    parse_train_snapshot,
+    train_report_logger_name,
+)
 from proco_ray.launch.run_claim import claimed, storage_gone
 from proco_ray.method.registry import resolved, train_inputs
 from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE
@@ -74,18 +80,14 @@ def check_gpu_sharing(config: Config) -> None:
         )
 
 
-RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
-RAY_CHECKPOINT_DIR = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")  # StorageContext's names
-
-
-def read_snapshot(run_path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any] | None:
+def read_snapshot(run_path: str, filesystem: pafs.FileSystem | None = None) -> TrainSnapshot | None:
     """Ray Train's snapshot of a run's registered checkpoints, None before the first registration."""
     filesystem = filesystem or pafs.LocalFileSystem()
     path = f"{run_path}/{RAY_TRAIN_SNAPSHOT}"
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         return None
     with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read())
+        return parse_train_snapshot(stream.read())
 
 
 def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> int:
@@ -96,8 +98,8 @@ def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> i
     died is neither resumed from nor counted here. `run_path`/`filesystem` as run_storage gives them (the
     filesystem travels with the run, so the Train controller needs no credentials of its own).
     """
-    latest = (read_snapshot(run_path, filesystem) or {}).get("latest_checkpoint_result")
-    return int(latest["metrics"]["epoch"]) if latest else 0
+    snapshot = read_snapshot(run_path, filesystem)
+    return int(snapshot.latest.metrics["epoch"]) if snapshot and snapshot.latest else 0
 
 
 def remove_unregistered_checkpoints(run_path: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
@@ -109,10 +111,8 @@ def remove_unregistered_checkpoints(run_path: str, filesystem: pafs.FileSystem |
     lists (kept, latest, pending) stays.
     """
     filesystem = filesystem or pafs.LocalFileSystem()
-    snapshot = read_snapshot(run_path, filesystem) or {}
-    entries = [snapshot.get("latest_checkpoint_result")]
-    entries += snapshot.get("checkpoint_results", []) + snapshot.get("pending_training_results", [])
-    registered = {entry["checkpoint_dir_name"] for entry in entries if entry}
+    snapshot = read_snapshot(run_path, filesystem)
+    registered = snapshot.dir_names() if snapshot else set()
     listing = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
     orphans = sorted(
         info.base_name
@@ -228,11 +228,9 @@ class TensorBoardSync:
 def quiet_report_lines() -> None:
     """Ray Train V2 logs every report ("Reporting training result ...") at INFO from a logger named by its
     file path, outside the "ray.train" hierarchy that LoggingConfig sets: lift that one logger to WARNING."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: its lines stay, nothing breaks
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    name = train_report_logger_name()
+    if name is not None:  # another Ray layout: its lines stay, nothing breaks
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

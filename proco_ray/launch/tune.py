@@ -28,7 +28,6 @@ from typing import Any
 import ray
 import ray.tune
 from ray.tune import Tuner
-from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from proco_ray.config import Config, ConfigError
@@ -47,11 +46,13 @@ from proco_ray.experiments.spec import (
 )
 from proco_ray.experiments.stats import TrialRecord
 from proco_ray.launch.cluster import check_paths_reach_every_node, connect_or_start_ray, live_nodes
+from proco_ray.launch.ray_compat import HParamsFilterLogger
 from proco_ray.launch.trainer import FeedFactory
 from proco_ray.launch.tune_trial import ProCoTrial, TrialSetup
+from proco_ray.metric_keys import EPOCH, HEADLINE, TEST, VAL
 from proco_ray.storage.s3 import is_s3, join, read_bytes, write_bytes
 
-HPARAM_METRICS = tuple(f"{split}/{name}" for split in ("val", "test") for name in ("accuracy", "macro_f1", "balanced_accuracy"))
+HPARAM_METRICS = tuple(f"{split}/{name}" for split in (VAL, TEST) for name in HEADLINE)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -64,15 +65,14 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trial_id}-{label}" if label else trial.trial_id
 
 
-class HParamsLogger(TBXLoggerCallback):
+class HParamsLogger(HParamsFilterLogger):
     """Tune's TensorBoard logger (per-trial scalars + HParams), with only the headline metrics in the HParams table.
 
     Being a TBXLoggerCallback, it replaces Tune's default one instead of doubling it.
     """
 
-    def _try_log_hparams(self, trial: Any, result: dict) -> None:
-        keep = {k: v for k, v in result.items() if k.removeprefix("ray/tune/") in HPARAM_METRICS + ("epoch",)}
-        super()._try_log_hparams(trial, keep)
+    def hparams_metrics(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in result.items() if k.removeprefix("ray/tune/") in HPARAM_METRICS + (EPOCH,)}
 
 
 def to_tune(domain: Domain) -> Any:
