@@ -89,6 +89,10 @@ class Method(nn.Module):
         self.class_counts = [int(c) for c in class_counts]
         offsets = logit_adjustments(self.class_counts, cfg.logit_adjustment) if self.adjusts_logits else torch.zeros(0)
         self.register_buffer("logit_offsets", offsets, persistent=False)
+        self.init_state()
+
+    def init_state(self) -> None:
+        """Hook: build the method's own modules and buffers from its settings (end of __init__)."""
 
     @property
     def name(self) -> str:

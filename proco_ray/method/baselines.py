@@ -4,13 +4,13 @@ OHEM, DANIL, MTL and CL (SupCon pre-training, then a linear classifier)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray.config import CLASS_BALANCED, MethodConfig, ModelConfig
+from proco_ray.config import CLASS_BALANCED, MethodConfig
 from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.data.train_input import TrainInput
 from proco_ray.method.base import Batch, Choices, LossOutput, Method, Stage, unwrap
@@ -59,17 +59,9 @@ class LDAMDRW(Method):
 
     class_weights: Tensor
 
-    def __init__(
-        self,
-        cfg: MethodConfig,
-        model_cfg: ModelConfig,
-        num_classes: int,
-        class_counts: Sequence[int],
-        choices: Choices | None = None,
-    ) -> None:
-        super().__init__(cfg, model_cfg, num_classes, class_counts, choices)
-        self.ldam = LDAMLoss(self.class_counts, cfg.ldam_max_margin, cfg.ldam_scale)
-        self.register_buffer("class_weights", drw_class_weights(self.class_counts, cfg.drw_beta))
+    def init_state(self) -> None:
+        self.ldam = LDAMLoss(self.class_counts, self.cfg.ldam_max_margin, self.cfg.ldam_scale)
+        self.register_buffer("class_weights", drw_class_weights(self.class_counts, self.cfg.drw_beta))
 
     def build_model(self) -> nn.Module:
         return Classifier(self.num_classes, self.model_cfg, cosine=True)

@@ -5,15 +5,13 @@ next to MoCo's paper: encode two views, gather the keys, contrast the query with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray.config import AUTO, CLASS_BALANCED, MethodConfig, ModelConfig
+from proco_ray.config import AUTO, CLASS_BALANCED
 from proco_ray.engine import distributed
-from proco_ray.method.base import Batch, Choices, LossOutput, Method, Stage
+from proco_ray.method.base import Batch, LossOutput, Method, Stage
 from proco_ray.method.losses import (
     PrototypeRecalibration,
     adversarial_negatives,
@@ -43,19 +41,13 @@ class ProCo(Method):
     sampling_switch = True
     adjusts_logits = True
 
-    def __init__(
-        self,
-        cfg: MethodConfig,
-        model_cfg: ModelConfig,
-        num_classes: int,
-        class_counts: Sequence[int],
-        choices: Choices | None = None,
-    ) -> None:
-        super().__init__(cfg, model_cfg, num_classes, class_counts, choices)
+    def init_state(self) -> None:
+        """The proto-loss form, the sample queue (Eq. 3's contrast set) and the recalibration weights (Eq. 4)."""
+        cfg = self.cfg
         self.form = self.choices.proto_form if cfg.proto_form == AUTO else cfg.proto_form
         self.find_unused_parameters = cfg.loss == "ce"
-        self.queue = SampleQueue(cfg.queue_size, model_cfg.feat_dim)
-        self.recalibration = PrototypeRecalibration(num_classes, cfg.beta, cfg.w_init)
+        self.queue = SampleQueue(cfg.queue_size, self.model_cfg.feat_dim)
+        self.recalibration = PrototypeRecalibration(self.num_classes, cfg.beta, cfg.w_init)
         self._eps_generator: torch.Generator | None = None
 
     def reseed(self, seed: int, device: torch.device) -> None:
