@@ -21,7 +21,7 @@ DATA_WAIT_SHARE = "train/data_wait_share"
 EMBEDDING_STD = "train/embedding_std"
 COLLAPSED = "train/collapsed"
 
-VAL, TEST, LAST_TEST = "val", "test", "last/test"
+TRAIN, VAL, TEST, LAST_TEST = "train", "val", "test", "last/test"
 VAL_MACRO_F1 = "val/macro_f1"  # what model selection ranks epochs by
 TEST_MACRO_F1 = "test/macro_f1"
 LAST_TEST_MACRO_F1 = "last/test/macro_f1"

@@ -119,10 +119,16 @@ def kill_one_training_worker_when(ray_module, ready: Callable[[], bool], killed:
     }
     assert raylets, f"no raylet found for {session}"
 
+    def holds() -> bool:
+        try:
+            return ready()
+        except ValueError:  # Ray's snapshot read while Ray rewrites it (not atomic): not ready yet
+            return False
+
     def kill() -> None:
         deadline = time.time() + 240
         while time.time() < deadline:
-            if ready():
+            if holds():
                 for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
                     if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
                         proc.send_signal(signal.SIGKILL)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from proco_ray.errors import ProcoError
+from proco_ray.metric_keys import EPOCH
 from proco_ray.processes import process_runs
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -146,7 +147,7 @@ class CheckpointFolder:
             partial.write_text(json.dumps(self.history))
             partial.replace(self.history_file)
         if checkpoint_dir is not None:
-            self.add(checkpoint_dir, int(metrics["epoch"]))
+            self.add(checkpoint_dir, int(metrics[EPOCH]))
 
     def add(self, checkpoint_dir: Path, epoch: int) -> Path:
         """Copy a new checkpoint in, rename it into place, then drop all but the newest `keep`."""

@@ -43,6 +43,7 @@ from proco_ray.metric_keys import (
     SCALAR_METRICS,
     STAGE,
     TEST,
+    TRAIN,
     TRAIN_LOSS,
     TRAIN_LR,
     TRAIN_STEPS,
@@ -187,7 +188,7 @@ def train_one_epoch(
     if steps == 0:
         raise RuntimeError(f"epoch {epoch} produced no training batch: the training split is smaller than one batch")
     elapsed = time.perf_counter() - start
-    logs = distributed.mean_over_ranks({f"train/{k}": v / steps for k, v in totals.items()})
+    logs = distributed.mean_over_ranks({f"{TRAIN}/{k}": v / steps for k, v in totals.items()})
     logs[TRAIN_LR] = optimizer.param_groups[0]["lr"]
     logs[IMAGES_PER_S] = images * distributed.world_size() / elapsed
     logs[DATA_WAIT_SHARE] = data_wait / elapsed

@@ -55,7 +55,7 @@ from proco_ray.config import (
     nest,
     parse_overrides,
 )
-from proco_ray.metric_keys import BEST_VAL_MACRO_F1, EMBEDDING_STD, EPOCH_METRICS, LAST_TEST_MACRO_F1, VAL_MACRO_F1
+from proco_ray.metric_keys import BEST_VAL_MACRO_F1, EMBEDDING_STD, EPOCH_METRICS, LAST_TEST_MACRO_F1, TEST, VAL, VAL_MACRO_F1
 
 CONFIG_TUNE_DIR = CONFIG_DIR / "tune"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -245,13 +245,14 @@ def check_metric(metric: str, mode: str) -> None:
     """The ASHA/best metric must be one every trial reports every epoch, or Tune fails mid-sweep."""
     if mode not in ("min", "max"):
         raise ConfigError(f"mode must be 'min' or 'max', got '{mode}'")
-    if metric in EPOCH_METRICS or (metric.startswith("val/recall/") and len(metric) > len("val/recall/")):
+    recall = f"{VAL}/recall/"
+    if metric in EPOCH_METRICS or (metric.startswith(recall) and len(metric) > len(recall)):
         return
-    if metric.startswith("test/"):
+    if metric.startswith(f"{TEST}/"):
         raise ConfigError(
             f"metric '{metric}' is the test split's (reported only when validation improves), so neither ASHA nor "
             f"model selection may use it; "
-            f"use '{metric.replace('test/', 'val/', 1)}'"
+            f"use '{metric.replace(f'{TEST}/', f'{VAL}/', 1)}'"
         )
     raise ConfigError(
         f"metric '{metric}' is never reported{closest_match(metric, EPOCH_METRICS)} "

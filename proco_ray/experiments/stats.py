@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proco_ray.experiments.spec import SEED_KEY, SELECTED_VAL_COLUMN, SIDE_METRICS, VARIANT_KEY, Experiment
-from proco_ray.metric_keys import HEADLINE
+from proco_ray.metric_keys import EPOCH, HEADLINE
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TrialRecord:
 
     @property
     def epochs(self) -> int:
-        return max((int(row["epoch"]) for row in self.history if "epoch" in row), default=0)
+        return max((int(row[EPOCH]) for row in self.history if EPOCH in row), default=0)
 
     @property
     def group(self) -> str:
@@ -192,7 +192,7 @@ def curves(records: Sequence[TrialRecord], metric: str) -> dict[str, list[tuple[
     out = {}
     for r in records:
         points = sorted(
-            {int(row["epoch"]): float(row[metric]) for row in r.history if "epoch" in row and _finite(row.get(metric))}.items()
+            {int(row[EPOCH]): float(row[metric]) for row in r.history if EPOCH in row and _finite(row.get(metric))}.items()
         )
         out[f"{r.group} [{r.trial_id}]"] = points
     return out
@@ -204,7 +204,7 @@ def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[f
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = ASHAScheduler(
-        time_attr="epoch", metric="m", mode="max", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor
+        time_attr=EPOCH, metric="m", mode="max", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor
     )
     return sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
 

@@ -40,7 +40,7 @@ from proco_ray.experiments.spec import (
 )
 from proco_ray.experiments.stats import TrialRecord, group_label
 from proco_ray.method.registry import resolved
-from proco_ray.metric_keys import VAL_MACRO_F1
+from proco_ray.metric_keys import EPOCH, VAL_MACRO_F1
 
 
 def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
@@ -84,7 +84,7 @@ def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads:
     folder = CheckpointFolder(directory, keep=1, history_file=directory / "history.json")
     latest = folder.checkpoints()[-1] if folder.checkpoints() else None
     if latest is not None and folder.history_file.is_file():
-        folder.history = [row for row in json.loads(folder.history_file.read_text()) if row["epoch"] <= latest[0]]
+        folder.history = [row for row in json.loads(folder.history_file.read_text()) if row[EPOCH] <= latest[0]]
 
     try:
         feed = local_feed(config.data.uri, config, workers=workers)

@@ -42,7 +42,7 @@ from proco_ray.launch.ray_compat import (
 )
 from proco_ray.launch.run_claim import claimed, storage_gone
 from proco_ray.method.registry import resolved, train_inputs
-from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE
+from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE, EPOCH, TEST, VAL
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
 
 ON_INTERRUPT = "rerun the same command to resume from the run's latest checkpoint"  # printed by the CLI on Ctrl-C
@@ -99,7 +99,7 @@ def resumed_epoch(run_path: str, filesystem: pafs.FileSystem | None = None) -> i
     filesystem travels with the run, so the Train controller needs no credentials of its own).
     """
     snapshot = read_snapshot(run_path, filesystem)
-    return int(snapshot.latest.metrics["epoch"]) if snapshot and snapshot.latest else 0
+    return int(snapshot.latest.metrics[EPOCH]) if snapshot and snapshot.latest else 0
 
 
 def remove_unregistered_checkpoints(run_path: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
@@ -405,8 +405,8 @@ def summarise(result: ray.train.Result, config: Config) -> dict[str, Any]:
     """
     if result.error is not None:
         raise result.error
-    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("val/", "test/", "best/", "epoch"))}
-    by_epoch = {m.get("epoch"): c for c, m in result.best_checkpoints or []}
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith((f"{VAL}/", f"{TEST}/", "best/", EPOCH))}
+    by_epoch = {m.get(EPOCH): c for c, m in result.best_checkpoints or []}
     best = by_epoch.get(metrics.get(BEST_EPOCH))
     if best is None and result.best_checkpoints:
         best = result.get_best_checkpoint(CHECKPOINT_SCORE, "max")

@@ -148,7 +148,7 @@ def _check_same_definition(experiment_uri: str, definition: dict[str, Any]) -> N
 def build_tuner(experiment: Experiment, plan: SweepPlan, trainable: Any, name: str, storage_path: str) -> Tuner:
     scheduler = (
         ASHAScheduler(
-            time_attr="epoch",
+            time_attr=EPOCH,
             max_t=plan.max_epochs,
             grace_period=experiment.asha.grace_period,
             reduction_factor=experiment.asha.reduction_factor,
@@ -234,7 +234,7 @@ def records_from(grid: ray.tune.ResultGrid) -> list[TrialRecord]:
         if frame is not None:
             for row in frame.to_dict("records"):
                 history.append({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
-        history.sort(key=lambda row: (row.get("epoch", 0), row.get("timestamp", 0)))
+        history.sort(key=lambda row: (row.get(EPOCH, 0), row.get("timestamp", 0)))
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("-")[0]
         error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
         records.append(TrialRecord(str(trial_id), dict(result.config or {}), history, error))

@@ -22,6 +22,7 @@ from ray.train import UserCallback
 from proco_ray.config import Config
 from proco_ray.experiments.spec import trial_config
 from proco_ray.launch.trainer import FeedFactory, build_trainer, fit_and_tidy, save_resolved_config
+from proco_ray.metric_keys import EPOCH
 from proco_ray.storage.s3 import join
 
 STOP_TIMEOUT_S = 540.0  # below Tune's TUNE_FORCE_TRIAL_CLEANUP_S (600 s), after which it kills the trial
@@ -127,7 +128,7 @@ class ProCoTrial(ray.tune.Trainable):
                     raise self._error
                 raise RuntimeError("the Train run ended without reporting an epoch")
         metrics = self._pending.pop(0)
-        return {**metrics, "done": int(metrics.get("epoch", 0)) >= self._epochs}
+        return {**metrics, "done": int(metrics.get(EPOCH, 0)) >= self._epochs}
 
     def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
         """Nothing to save at the Tune level: the Train run checkpoints itself and resumes from its own checkpoints."""
