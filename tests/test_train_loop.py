@@ -152,3 +152,31 @@ def test_a_checkpoint_folder_keeps_the_newest_checkpoints_whole_and_the_history_
     assert not list((tmp_path / "trial").glob(".*partial")) and not (tmp_path / "history.json.partial").exists()
     (tmp_path / "trial" / ".checkpoint_epoch_0004.partial").mkdir()  # a copy a killed process left half done
     assert [epoch for epoch, _ in CheckpointFolder(tmp_path / "trial").checkpoints()] == [2, 3]
+
+
+def test_selection_evaluates_the_test_split_only_when_validation_improves_and_once_at_the_last_epoch():
+    from proco_ray.engine.loop import select_on_validation
+
+    calls: list[int] = []
+
+    def test_split() -> dict:
+        calls.append(len(calls))
+        return {
+            "accuracy": 0.5,
+            "macro_f1": 0.1 * len(calls),
+            "balanced_accuracy": 0.5,
+            "qwk": 0.0,
+            "class_names": [],
+            "recall": [],
+        }
+
+    best: dict = {}
+    reports = []
+    for epoch, val in enumerate([0.5, 0.4, 0.6, 0.6], 1):
+        metrics = {"epoch": epoch, "val/macro_f1": val}
+        best = select_on_validation(metrics, best, last_epoch=epoch == 4, test=test_split)
+        reports.append(metrics)
+    assert len(calls) == 3  # epochs 1 and 3 improve; epoch 4 (a tie, the last) is evaluated once more for last/test
+    assert [m["best/epoch"] for m in reports] == [1, 1, 3, 3]
+    assert [m["test/macro_f1"] for m in reports] == [0.1, 0.1, 0.2, 0.2]
+    assert reports[-1]["last/test/macro_f1"] == pytest.approx(0.3) and "last/test/macro_f1" not in reports[-2]

@@ -247,6 +247,26 @@ def is_better(metrics: dict[str, Any], best: dict[str, float]) -> bool:
     return not best or metrics[VAL_MACRO_F1] > best[BEST_VAL_MACRO_F1]
 
 
+def select_on_validation(
+    metrics: dict[str, Any], best: dict[str, float], last_epoch: bool, test: Callable[[], dict[str, Any]] | None
+) -> dict[str, float]:
+    """Model selection for the epoch whose `metrics` hold its validation: returns the best so far, and adds to
+    `metrics` best/* and test/* (the test split evaluated only when validation improves), last/test/* at the
+    last epoch, and the score checkpoints are ranked by."""
+    epoch = int(metrics[EPOCH])
+    selected = None
+    if is_better(metrics, best):
+        best = {BEST_EPOCH: epoch, BEST_VAL_MACRO_F1: metrics[VAL_MACRO_F1]}
+        if test is not None:
+            selected = test()
+            best.update(flat_metrics(TEST, selected))
+    metrics.update(best)
+    if test is not None and last_epoch:
+        metrics.update(flat_metrics(LAST_TEST, selected or test()))
+    metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics[VAL_MACRO_F1], epoch)
+    return best
+
+
 def collapse_warning(metrics: dict[str, Any], feat_dim: int) -> str | None:
     """A message when the contrastive embedding has collapsed: embedding_std below COLLAPSE_FRACTION of
     the 1/sqrt(feat_dim) of features spread over the sphere (0.025 for 64 dimensions)."""
@@ -429,16 +449,8 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
                     EPOCH: epoch + 1,
                     STAGE: stage.name,
                 }
-                test = None
-                if is_better(metrics, best):
-                    best = {BEST_EPOCH: epoch + 1, BEST_VAL_MACRO_F1: metrics[VAL_MACRO_F1]}
-                    if has_test:
-                        test = evaluate_split(config.data.test_split)
-                        best.update(flat_metrics(TEST, test))
-                metrics.update(best)
-                if has_test and epoch + 1 == total_epochs:
-                    metrics.update(flat_metrics(LAST_TEST, test or evaluate_split(config.data.test_split)))
-                metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics[VAL_MACRO_F1], epoch + 1)
+                test = partial(evaluate_split, config.data.test_split) if has_test else None
+                best = select_on_validation(metrics, best, last_epoch=epoch + 1 == total_epochs, test=test)
                 collapse = collapse_warning(metrics, config.model.feat_dim)
                 metrics[COLLAPSED] = float(collapse is not None)
                 log.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
