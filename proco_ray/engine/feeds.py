@@ -160,7 +160,11 @@ def local_feed(
 
     def loader(dataset: torch.utils.data.Dataset) -> Iterable[Batch]:
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=workers > 0
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=workers > 0 and torch.cuda.is_available(),  # pinned pages only speed a copy to a GPU
         )
 
     def train_batches(source: TrainInput, epoch: int) -> Iterable[Batch]:
