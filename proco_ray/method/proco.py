@@ -1,7 +1,7 @@
-"""ProCo's training step (MICCAI 2022), read next to docs/method.md's Eq. 1-7 as moco's builder.py reads
-next to MoCo's paper: encode two views, gather the keys, contrast the query with the queue and the batch's keys
-(Eq. 3), add the proto-instances (Eq. 5-6) and the recalibrated prototype logits (Eq. 4), take the proto-loss
-(Eq. 7), enqueue the keys."""
+"""ProCo's training step (MICCAI 2022), to be read next to docs/method.md as moco's builder.py reads next to
+MoCo's paper: encode the two views, gather the keys over ranks, contrast the query with the queue and the
+batch's keys, add the adversarial proto-instances (Eq. 1-3) and the recalibrated prototype logits (Eq. 4-6),
+take the proto-loss (Eq. 7), enqueue the keys."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ class ProCo(Method):
         return out
 
     def training_loss(self, model: nn.Module, batch: Batch, epoch: int, stage: Stage) -> LossOutput:
+        """The proto-loss over queue + keys (method.loss=proto); `ce` and `infonce` are the loss ablation's rows."""
         labels = batch["label"]
         if self.cfg.loss == "ce":
             out = model(batch["view_q"])
@@ -120,7 +121,8 @@ class ProCo(Method):
         bank_labels: Tensor,
         bank_preds: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eq. 4-7: recalibrated logits, the contrast set and the proto-instances, into the proto-loss."""
+        """Eq. 1-7: the proto-instances (1-3) and the recalibrated logits (4-6) with the contrast set, into the
+        proto-loss (7)."""
         if self.cfg.recalibration:
             self.recalibration.update(logits.detach(), labels)
             logits = logits + self.recalibration.log_weights.to(logits.dtype)
