@@ -145,7 +145,7 @@ def plot_length_curve(datasets: Readings, names: Sequence[str], path: Path) -> P
         axis.set_ylabel("test macro-F1")
         axis.set_title(dataset)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        axis.legend(fontsize=7)  # per panel: a dataset may show methods the others lack
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
