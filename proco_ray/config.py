@@ -47,13 +47,22 @@ class PerStage:
     choices: Any
 
 
+def per_stage_entries(value: str) -> list[tuple[str | None, str]]:
+    """`x` -> [(None, 'x')]; `pretrain:x,linear:y` -> [('pretrain', 'x'), ('linear', 'y')] (an entry without a
+    stage gives None)."""
+    if ":" not in value:
+        return [(None, value)]
+    pairs = [entry.split(":", 1) if ":" in entry else [None, entry] for entry in value.split(",")]
+    return [(stage.lstrip() if stage is not None else None, entry.strip()) for stage, entry in pairs]
+
+
 def stage_value(value: str, stage: str, key: str) -> str | None:
     """A per-stage setting: None for auto, `x` for every stage, or this stage's entry of `pretrain:x,linear:y`."""
     if value == AUTO:
         return None
     if ":" not in value:
         return value
-    entries = dict(entry.strip().split(":", 1) for entry in value.split(",") if ":" in entry)
+    entries = {name: entry for name, entry in per_stage_entries(value) if name is not None}
     if stage not in entries:
         raise ConfigError(
             f"{key}='{value}' names no value for stage '{stage}' (write {stage}:VALUE, or one value for all stages)"
@@ -78,8 +87,7 @@ def check_choice(value: Any, choices: Any, key: str) -> None:
 def check_per_stage(value: str, choices: Any, key: str) -> None:
     """Every value of a per-stage setting (`x` or `stage:x,...`) must be auto or one of `choices`."""
     allowed = typing.get_args(choices)
-    entries = [entry.split(":", 1)[-1].strip() for entry in value.split(",")] if ":" in value else [value]
-    for entry in entries:
+    for _, entry in per_stage_entries(value):
         if entry != AUTO and entry not in allowed:
             raise ConfigError(f"{key} must be 'auto' or one of {list(allowed)} (per stage: stage:VALUE,...), got '{entry}'")
 

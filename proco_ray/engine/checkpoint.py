@@ -123,12 +123,11 @@ class CheckpointFolder:
         directory: str | Path,
         keep: int = 1,
         history_file: Path | None = None,
-        history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.keep = keep
         self.history_file = history_file
-        self.history: list[dict[str, Any]] = list(history or [])
+        self.history: list[dict[str, Any]] = []
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """The complete checkpoint folders, oldest first, with their epochs."""

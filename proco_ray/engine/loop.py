@@ -402,7 +402,8 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     global_step = state["global_step"] if state else 0
     log = ScalarLog(env.log_dir, enabled=rank == 0)
     total_epochs = config.optim.epochs
-    steps_per_epoch = min(feed.steps_per_epoch, config.train.max_steps_per_epoch or feed.steps_per_epoch)
+    cap = config.train.max_steps_per_epoch
+    steps_per_epoch = feed.steps_per_epoch if cap is None else min(feed.steps_per_epoch, cap)
     has_test = config.data.test_split in feed.eval_splits
     metrics: dict[str, Any] = {}
 

@@ -82,7 +82,7 @@ def run_trial(config_dict: dict[str, Any], trial_dir: str, device: str, threads:
     config = config_from_dict(config_dict)
     directory = Path(trial_dir)
     folder = CheckpointFolder(directory, keep=1, history_file=directory / "history.json")
-    latest = folder.checkpoints()[-1] if folder.checkpoints() else None
+    latest = next(reversed(folder.checkpoints()), None)
     if latest is not None and folder.history_file.is_file():
         folder.history = [row for row in json.loads(folder.history_file.read_text()) if row[EPOCH] <= latest[0]]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from proco_ray.config import CLASS_BALANCED, INSTANCE_BALANCED, MethodConfig, ModelConfig
+from proco_ray.config import AUTO, CLASS_BALANCED, INSTANCE_BALANCED, MethodConfig, ModelConfig
 from proco_ray.data.train_input import TrainInput
 from proco_ray.method.losses import logit_adjustments
 from proco_ray.method.networks import Classifier
@@ -29,6 +29,10 @@ class Choices:
     sampling: str = INSTANCE_BALANCED
     augmentation: str = "supervised"
     proto_form: str = "split"
+
+    def proto_form_for(self, setting: str) -> str:
+        """method.proto_form as set, or the registration's form for auto."""
+        return self.proto_form if setting == AUTO else setting
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray.config import AUTO, CLASS_BALANCED
+from proco_ray.config import CLASS_BALANCED
 from proco_ray.engine import distributed
 from proco_ray.method.base import Batch, LossOutput, Method, Stage
 from proco_ray.method.losses import (
@@ -44,7 +44,7 @@ class ProCo(Method):
     def init_state(self) -> None:
         """The proto-loss form, the sample queue (Eq. 3's contrast set) and the recalibration weights (Eq. 4)."""
         cfg = self.cfg
-        self.form = self.choices.proto_form if cfg.proto_form == AUTO else cfg.proto_form
+        self.form = self.choices.proto_form_for(cfg.proto_form)
         self.find_unused_parameters = cfg.loss == "ce"
         self.queue = SampleQueue(cfg.queue_size, self.model_cfg.feat_dim)
         self.recalibration = PrototypeRecalibration(self.num_classes, cfg.beta, cfg.w_init)

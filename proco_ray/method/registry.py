@@ -104,13 +104,12 @@ def resolved(config: Config) -> Config:
         stages = stages_for(config.method, config.optim.epochs, config.data.augmentation)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    own_form = METHODS[config.method.name].choices.proto_form
     return dataclasses.replace(
         config,
         method=dataclasses.replace(
             config.method,
             sampling=per_stage({stage.name: stage.sampling for stage in stages}),
-            proto_form=own_form if config.method.proto_form == AUTO else config.method.proto_form,
+            proto_form=METHODS[config.method.name].choices.proto_form_for(config.method.proto_form),
         ),
         data=dataclasses.replace(config.data, augmentation=per_stage({s.name: s.input.augmentation for s in stages})),
         train=dataclasses.replace(
