@@ -17,8 +17,8 @@ from pathlib import Path
 from proco_ray.config import load_config
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.data.synthetic import long_tailed_counts, write_image_folder
-from proco_ray.evaluation.evaluate import evaluate_checkpoint
-from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix
+from proco_ray.evaluation.evaluate import claim_evaluation_output, evaluate_checkpoint, write_evaluation
+from proco_ray.evaluation.report import markdown_table, per_class_rows
 from proco_ray.inference.export import export
 from proco_ray.inference.predict import predict
 from proco_ray.launch.cluster import connect_or_start_ray
@@ -72,10 +72,8 @@ def run(args: argparse.Namespace) -> int:
         summary_file = write_run_file(config, "summary.json", json.dumps(summary, indent=2, default=str).encode())
         print(f"[4/5] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)
-        out = Path(summary["run"]) / "evaluation"
-        out.mkdir(parents=True, exist_ok=True)
-        plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", "test split")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        out = str(Path(summary["run"]) / "evaluation")
+        write_evaluation(metrics, out, "test split", claim_evaluation_output(out, overwrite=True))
         print(markdown_table(per_class_rows(metrics)))
         headline = {k: round(metrics[k], 4) for k in ("accuracy", "macro_f1", "balanced_accuracy")}
         print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(f"summary: {summary_file}")
-        print(f"evaluation (confusion matrix, metrics.json): {out}")
+        print(f"evaluation (metrics.json, per-class tables, confusion matrix, reliability diagram): {out}")
         print(f"predictions: {', '.join(predicted['written'])}")
         print(f"exported model (loads with torch alone): {', '.join(exported['written'])}")
         print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")

@@ -17,7 +17,7 @@ from proco_ray.errors import DataError
 from proco_ray.evaluation.evaluate import best_checkpoint
 from proco_ray.inference.export import export
 from proco_ray.launch.trainer import build_trainer, fit, summarise, write_run_file
-from proco_ray.storage.s3 import resolve
+from proco_ray.storage.s3 import join, read_bytes, resolve
 
 TINY = Path(__file__).parent / "tiny.yaml"
 OVERRIDES = ["data.batch_size=8", "data.eval_batch_size=32", "method.queue_size=32", "train.num_workers=2"]
@@ -46,7 +46,7 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("proco-tb-*")) == temp_before
     fs, path = resolve(summary["tensorboard"])
     assert any(info.size for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    out = tmp_path / "eval"
+    out = f"{runs}/e2e-evaluation"  # evaluate writes to S3 as well as to a folder
     assert (
         main(
             [
@@ -58,18 +58,19 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
                 "--split",
                 "test",
                 "--out",
-                str(out),
+                out,
                 "--calibrate",
             ]
         )
         == 0
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads(read_bytes(join(out, "metrics.json")))
     assert metrics["checkpoint"] == summary["best_checkpoint"]
     assert sum(metrics["support"]) == read_manifest(uri).num_rows("test")
     assert metrics["class_names"] == ["class_0", "class_1", "class_2"]
-    assert (out / "confusion_matrix.png").stat().st_size > 1000 and (out / "reliability.png").stat().st_size > 1000
-    assert (out / "per_class.csv").read_text().startswith("class,support,precision,recall,f1,roc_auc")
+    assert len(read_bytes(join(out, "confusion_matrix.png"))) > 1000 and len(read_bytes(join(out, "reliability.png"))) > 1000
+    assert read_bytes(join(out, "per_class.csv")).decode().startswith("class,support,precision,recall,f1,roc_auc")
+    assert read_bytes(join(out, "per_class.md")).decode().startswith("| class | support |")
     assert set(metrics["roc_auc"]) == set(metrics["class_names"]) and 0 <= metrics["ece"] <= 1
     assert metrics["temperature"] > 0 and metrics["calibrated_on"] == "val" and 0 <= metrics["ece_calibrated"] <= 1
     predictions = tmp_path / "predictions"

@@ -1,5 +1,6 @@
-"""`proco-ray predict` (Ray Data batch inference on a folder of images and on a prepared split, on a local Ray)
-and `proco-ray export` (a program that loads without this package and predicts what predict does)."""
+"""`proco-ray predict` (Ray Data batch inference on a folder of images and on a prepared split, on a local Ray),
+`proco-ray export` (a program that loads without this package and predicts what predict does) and the outputs
+of `proco-ray evaluate`."""
 
 from __future__ import annotations
 
@@ -232,6 +233,31 @@ def test_a_run_folder_stands_for_its_best_checkpoint(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"proco-ray predict: error: run folder {run} holds no checkpoint") and len(err.splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_evaluate_refuses_an_occupied_output_before_evaluating_and_replaces_only_its_own(trained, tmp_path, capsys):
+    args = ["evaluate", "--checkpoint", str(trained["checkpoint"]), "--data", str(trained["prepared"])]
+    out = tmp_path / "evaluation"
+    assert main([*args, "--out", str(out)]) == 0
+    written = {"metrics.json", "per_class.csv", "per_class.md", "confusion_matrix.png", "reliability.png", ".proco-ray-evaluate"}
+    assert {p.name for p in out.iterdir()} == written
+    first = json.loads((out / "metrics.json").read_text())
+    assert sum(first["support"]) == 22 and first["split"] == "test"
+    (out / "metrics.json").write_text("{}")
+    missing = ["evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(trained["prepared"])]
+    assert main([*missing, "--out", str(out)]) == 1  # the output is checked first: no evaluation is wasted
+    assert "already holds an earlier evaluation" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}"
+    assert main([*missing, "--out", str(tmp_path / "unused")]) == 1 and not (tmp_path / "unused").exists()
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    (out / "stale.txt").write_text("from the earlier evaluation's folder")
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0
+    assert {p.name for p in out.iterdir()} == written and json.loads((out / "metrics.json").read_text()) == first
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main([*args, "--out", str(foreign), "--overwrite"]) == 1
+    assert "did not write" in capsys.readouterr().err and [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_export_refuses_an_occupied_output_and_replaces_only_its_own(trained, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from proco_ray.metrics import (
     reliability_bins,
     roc_auc_one_vs_rest,
 )
-from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import claim_output, is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 
 def best_checkpoint(uri: str) -> str:
@@ -170,11 +171,51 @@ def evaluate_checkpoint(
     return {"checkpoint": checkpoint_uri, "data": data_uri, "split": split, "epoch": state["epoch"], **metrics}
 
 
+MARKER = ".proco-ray-evaluate"  # marks a folder as evaluate's own: --overwrite replaces only such a folder
+
+
+def claim_evaluation_output(out_uri: str, overwrite: bool) -> bool:
+    """Refuse an output holding files unless --overwrite and they are an earlier evaluate's own; returns whether
+    that earlier evaluation is to be replaced."""
+    fs, path = resolve(out_uri)
+
+    def describe(names: set[str]) -> str:
+        return "an earlier evaluation" if join(path, MARKER) in names else "files"
+
+    return claim_output(fs, path, out_uri, overwrite, "evaluate", [MARKER], describe)
+
+
+def write_evaluation(metrics: dict[str, Any], out_uri: str, title: str, replace: bool) -> list[str]:
+    """metrics.json, the per-class tables, the confusion matrix and the reliability diagram into `out_uri` (local or
+    s3://). Everything is drawn before anything is written, so a failure while drawing leaves the output as it was."""
+    rows = per_class_rows(metrics)
+    with tempfile.TemporaryDirectory(prefix="proco-evaluate-") as staging_dir:
+        staging = Path(staging_dir)
+        (staging / "per_class.md").write_text(markdown_table(rows))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        files = [
+            plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], staging / "confusion_matrix.png", title),
+            plot_reliability(metrics["reliability"], staging / "reliability.png", f"{title}, ECE {metrics['ece']:.3f}"),
+            write_csv(rows, staging / "per_class.csv"),
+            staging / "per_class.md",
+            staging / "metrics.json",
+        ]
+        if replace:
+            fs, path = resolve(out_uri)
+            with storage_errors(out_uri):
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+        write_bytes(join(out_uri, MARKER), b"written by proco-ray evaluate; --overwrite may replace this folder\n")
+        return [write_bytes(join(out_uri, f.name), f.read_bytes()) for f in files]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--data", required=True, help="prepared dataset URI (local or s3://)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
-    parser.add_argument("--out", default="eval", help="folder for the confusion-matrix PNG and the per-class tables")
+    parser.add_argument(
+        "--out", default="eval", help="folder or s3:// prefix for metrics.json, the per-class tables and the plots"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
     parser.add_argument(
         "--calibrate",
@@ -187,27 +228,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    replace = claim_evaluation_output(args.out, args.overwrite)  # an occupied --out fails before the evaluation
     connect_or_start_ray()
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.calibrate)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = per_class_rows(metrics)
-    written = [
-        plot_confusion_matrix(
-            metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png", f"{args.split} split"
-        ),
-        plot_reliability(metrics["reliability"], out / "reliability.png", f"{args.split} split, ECE {metrics['ece']:.3f}"),
-        write_csv(rows, out / "per_class.csv"),
-    ]
-    (out / "per_class.md").write_text(markdown_table(rows))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    written += [out / "per_class.md", out / "metrics.json"]
+    written = write_evaluation(metrics, args.out, f"{args.split} split", replace)
     if args.calibrate:
         temperature = {"temperature": metrics["temperature"], "fitted_on": f"{args.data} {args.calibrate}"}
         written.append(write_bytes(join(metrics["checkpoint"], TEMPERATURE_FILE), json.dumps(temperature, indent=2).encode()))
     print(f"checkpoint: {metrics['checkpoint']} (epoch {metrics['epoch']})")
-    print(markdown_table(rows))
+    print(markdown_table(per_class_rows(metrics)))
     headline = ["accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc", "ece", "temperature", "ece_calibrated"]
     print(" | ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics))
-    print("wrote " + ", ".join(str(w) for w in written))
+    print("wrote " + ", ".join(written))
     return 0
