@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "isic2018"
 BATCH = 128
 

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
 
 
 def prepare_generated(root: Path, size: int, head: int) -> str:

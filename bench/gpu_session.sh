@@ -11,7 +11,7 @@ set -uo pipefail
 out=$1 budget=${2:-520}
 python=${PYTHON:-python3} device=${DEVICE:-cuda} carry=${CARRY:-.gpu-carry}
 deadline=$(($(date +%s) + budget))
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 if ! "$python" -c "import ray" 2>/dev/null; then
   [ -f "$carry/ray.tar.xz" ] || { echo "no Ray here and no $carry/ray.tar.xz (bench/pack_gpu_carry.sh)" >&2; exit 2; }

@@ -4,7 +4,7 @@ import pytest
 
 from proco_ray.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "proco_ray" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "proco_ray" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

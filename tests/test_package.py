@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_wheel_install_finds_the_shipped_configs_and_experiments(tmp_path):
     """Issue 26.3: with configs/ outside the package, a wheel could not find `--config cpu-small`."""
     source = tmp_path / "source"  # build from a copy: setuptools writes build/ and egg-info beside the sources
-    shutil.copytree(REPO / "proco_ray", source / "proco_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]

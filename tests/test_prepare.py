@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from proco_ray.data.prepare import PrepareOptions, main, prepare
+from proco_ray.cli import main
+from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.errors import DataError, StorageError
 from proco_ray.storage.s3 import join, resolve
 
@@ -165,7 +166,7 @@ def test_wrong_credentials_fail_fast(tmp_path, datagen, s3_env, monkeypatch, ray
 def test_cli_reports_errors_and_jobs_scripts_run(tmp_path, datagen, capsys):
     root = datagen.aptos(tmp_path / "aptos")
     (root / "train_images" / "orphan.png").write_bytes(datagen.image_bytes(0, 1, fmt="PNG"))
-    assert main([str(root), str(tmp_path / "out")], kind="aptos2019") == 1
+    assert main(["prepare", "--format", "aptos2019", str(root), str(tmp_path / "out")]) == 1
     assert "orphan.png" in capsys.readouterr().err
     for script in ("jobs/prepare_isic.py", "jobs/prepare_aptos.py"):
         shown = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -198,7 +199,7 @@ def test_output_overlapping_the_source_is_refused_and_the_source_kept(tmp_path, 
     with pytest.raises(DataError, match="overlaps the input"):
         prepare(str(source), str(output), PrepareOptions(image_size=16, overwrite=True))
     assert _snapshot(tmp_path / "data") == before
-    assert main([str(source), str(output), "--overwrite"]) == 1
+    assert main(["prepare", str(source), str(output), "--overwrite"]) == 1
 
 
 def test_overwrite_never_deletes_what_prepare_did_not_write(tmp_path, datagen):

@@ -377,15 +377,12 @@ def prepare(
 # --------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser, kind: str | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="dataset as downloaded: a folder, an .npz file, or s3://bucket/prefix")
     parser.add_argument("output", help="where shards and manifest.json go: a folder or s3://bucket/prefix")
-    if kind is None:
-        parser.add_argument(
-            "--format", dest="kind", default="auto", choices=["auto", *KINDS], help="source layout (default: detected)"
-        )
-    else:
-        parser.set_defaults(kind=kind)
+    parser.add_argument(
+        "--format", dest="kind", default="auto", choices=["auto", *KINDS], help="source layout (default: detected)"
+    )
     defaults = PrepareOptions()
     parser.add_argument(
         "--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)"
@@ -436,17 +433,6 @@ def run(args: argparse.Namespace) -> int:
         shard_mb=args.shard_mb,
     )
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    try:
-        manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)
-    except DataError as error:
-        print(f"proco-ray prepare: error: {error}", file=sys.stderr)
-        return 1
+    manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)
     print(json.dumps({"output": args.output, "counts": manifest["counts"], "shards": len(manifest["shards"])}, indent=2))
     return 0
-
-
-def main(argv: Sequence[str] | None = None, kind: str | None = None) -> int:
-    """Entry point for the jobs/ scripts (`ray job submit -- python jobs/prepare_isic.py ...`)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, kind)
-    return run(parser.parse_args(argv))
