@@ -86,10 +86,13 @@ exec {sys.executable} -c "{REAPER}"
             time.sleep(0.1)
         self.pid = int(Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children").read_text().split()[0])
 
+    def inside(self, command: list[str], cwd: Path = ROOT) -> list[str]:
+        """`command` run in the namespaces (entering the mount namespace resets the working folder: --wd)."""
+        return ["nsenter", "-t", str(self.pid), "--pid", "--net", "--mount", f"--wd={cwd}", "--", *command]
+
     def run(self, command: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-        enter = ["nsenter", "-t", str(self.pid), "--pid", "--net", "--mount", f"--wd={cwd}", "--"]
         started = time.monotonic()
-        done = subprocess.run([*enter, *command], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(self.inside(command, cwd), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         done.seconds = time.monotonic() - started
         return done
 
@@ -264,8 +267,9 @@ def test_the_dashboards_in_a_browser(launched):
 
     port = "6006"
     board = ["tensorboard", "--logdir", str(launched.sweeps / "asha"), "--host", "127.0.0.1", "--port", port]
-    enter = ["nsenter", "-t", str(launched.namespace.pid), "--pid", "--net", "--mount", f"--wd={ROOT}", "--"]
-    server = subprocess.Popen([*enter, *board], env=launched.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        launched.namespace.inside(board), env=launched.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     trials = sorted(d.name for d in (launched.sweeps / "asha").iterdir() if d.is_dir() and d.name != "results")
     assert len(trials) == 2
     try:  # the table's rows: each trial by name, its learning rate, and the metric columns

@@ -130,7 +130,7 @@ class FolderCommandRunner(CommandRunnerInterface):
 
     def _on_node(self, remote: str) -> Path:
         """Where a node's path lies on this machine: its home is its folder, anything else is shared."""
-        remote = os.path.expanduser(remote.replace("~", self.node_home, 1)) if remote.startswith("~") else remote
+        remote = self.node_home + remote[1:] if remote.startswith("~") else remote
         if remote == self.node_home or remote.startswith(self.node_home.rstrip("/") + "/"):
             return self.folder / os.path.relpath(remote, self.node_home)
         return Path(remote)
