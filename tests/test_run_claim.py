@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -172,3 +174,29 @@ def test_storage_gone_mid_run_is_one_line_naming_it_and_the_resume(ray_local, pr
         f"proco-ray train: error: the run's storage {runs} stopped answering during training ("
     )
     assert errors[0].endswith("rerun the same command to resume from the run's latest checkpoint")
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_storage_and_the_resume(prepared, tmp_path):
+    """Issue 37.3: train.storage_path on a 6 MB tmpfs ended with a 100-line traceback ending in pyarrow's
+    `OSError: [Errno 28] ... No space left on device`. The run gets a Ray of its own in a mount namespace of its
+    own, where the tmpfs exists (Ray's workers must see it too)."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("unshare of a mount namespace is refused here")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    command = shlex.join([sys.executable, "-m", "proco_ray", *train_command(prepared, runs, "optim.epochs=4")])
+    mounts = f"mount -t tmpfs -o size=6m tmpfs {runs} && mount -t tmpfs tmpfs /tmp/ray"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    done = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", f"mkdir -p /tmp/ray && {mounts} && exec {command}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    # the driver's own lines: Ray's log thread forwards the workers' lines ("(RayTrainWorker pid=...)") on its own
+    lines = [line for line in done.stderr.strip().splitlines() if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=", line)]
+    errors = [line for line in done.stdout.splitlines() + lines if line.startswith("proco-ray train: error:")]
+    assert errors == [lines[-1]], lines[-20:]
+    assert errors[0].startswith(f"proco-ray train: error: no space left on the device the run writes to (its storage is {runs})")
+    assert errors[0].endswith("rerun the same command to resume from the run's latest checkpoint")
+    assert not [line for line in lines if line.startswith("Traceback")], "the driver printed a traceback"

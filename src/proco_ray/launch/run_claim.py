@@ -178,3 +178,23 @@ def storage_gone(config: Config) -> StorageError | None:
             f"from the run's latest checkpoint"
         )
     return None
+
+
+def storage_full(config: Config, error: BaseException) -> StorageError | None:
+    """For a run that failed: a one-line StorageError when a write ran out of space ([Errno 28], which Ray Train
+    hands back as the text of a worker's traceback), else None. The partial checkpoint is never registered."""
+    if not any("[Errno 28]" in str(e) or "No space left on device" in str(e) for e in _chain(error)):
+        return None
+    return StorageError(
+        f"no space left on the device the run writes to (its storage is {config.train.storage_path}): free space "
+        f"there, or set train.storage_path to a place with room, then rerun the same command to resume from the "
+        f"run's latest checkpoint"
+    )
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

@@ -40,7 +40,7 @@ from proco_ray.launch.ray_compat import (
     parse_train_snapshot,
     train_report_logger_name,
 )
-from proco_ray.launch.run_claim import claimed, storage_gone
+from proco_ray.launch.run_claim import claimed, storage_full, storage_gone
 from proco_ray.method.registry import resolved, train_inputs
 from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE, EPOCH, TEST, VAL
 from proco_ray.storage.s3 import is_s3, join, resolve, write_bytes
@@ -428,7 +428,7 @@ def storage_uri(path: str, config: Config) -> str:
 
 def fit_or_explain(config: Config) -> ray.train.Result:
     """`fit` for the command line: Ctrl-C raises KeyboardInterrupt (exit 130; rerunning resumes), and a run whose
-    storage went away is reported in one line that says how to resume.
+    storage went away or filled up is reported in one line that says how to resume.
 
     Ray Train takes over SIGINT when fit runs in the main thread and then exits the process with status 1
     and no message; run in a thread, it leaves SIGINT to this process.
@@ -449,11 +449,11 @@ def fit_or_explain(config: Config) -> ray.train.Result:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
-    except Exception:
-        gone = storage_gone(config)
-        if gone is None:
+    except Exception as error:
+        explained = storage_gone(config) or storage_full(config, error)
+        if explained is None:
             raise
-        raise gone from None
+        raise explained from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
