@@ -165,7 +165,7 @@ def test_workers_sharing_a_gpu_are_refused_an_nccl_group(tmp_path):
 def collectives_worker(rank: int, port: int, out_dir: str):
     """The loop's and the methods' collectives on CPU tensors under a device-mapped group: the CPU side of what GPU
     workers get (`cpu:gloo,cuda:nccl`; its NCCL side cannot be created without GPUs)."""
-    from proco_ray.engine import distributed
+    from proco_ray import distributed
 
     dist.init_process_group("cpu:gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:

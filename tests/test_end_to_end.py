@@ -14,9 +14,9 @@ from proco_ray.data.manifest import read_manifest
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.data.synthetic import write_image_folder
 from proco_ray.errors import DataError
-from proco_ray.evaluation.evaluate import best_checkpoint
 from proco_ray.inference.export import export
-from proco_ray.launch.trainer import build_trainer, fit, summarise, write_run_file
+from proco_ray.launch.trainer import build_trainer, fit, summarise
+from proco_ray.runs import SUMMARY_FILE, RunFolder, best_checkpoint
 from proco_ray.storage.s3 import join, read_bytes, resolve
 
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -85,7 +85,7 @@ def test_train_on_s3_data_then_evaluate(ray_local, s3_env, prepared, tmp_path):
     ]
     assert main([*args, "--calibrated"]) == 0  # the temperature evaluate saved beside the checkpoint on S3
     assert pq.read_table(predictions / "predictions.parquet").num_rows == 64
-    write_run_file(config, "summary.json", json.dumps(summary).encode())
+    RunFolder.of_config(config).write_file(SUMMARY_FILE, json.dumps(summary).encode())
     assert best_checkpoint(summary["run"]) == summary["best_checkpoint"]
     exported = export(summary["run"] + "/", str(tmp_path / "exported"))
     assert exported["checkpoint"] == summary["best_checkpoint"] and exported["temperature"] == metrics["temperature"]

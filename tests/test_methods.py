@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proco_ray.config import MethodConfig, ModelConfig
+from proco_ray.config import CLASS_BALANCED, INSTANCE_BALANCED, MethodConfig, ModelConfig
 from proco_ray.method.base import unwrap
 from proco_ray.method.registry import METHODS, create_method, stages_for
 
@@ -135,7 +135,7 @@ def test_every_baseline_trains_and_predicts(name):
         optimizer.step()
         assert torch.isfinite(out.loss)
     assert method.predict(model, fixed_batch()["view_q"]).shape == (12, CLASSES)
-    assert stages[-1].resample == name.endswith("_resample")
+    assert (stages[-1].sampling == CLASS_BALANCED) == name.endswith("_resample")
 
 
 def test_cl_linear_stage_trains_only_the_classifier():
@@ -185,15 +185,18 @@ def test_each_method_reads_its_augmentation_and_views():
     def inputs(name: str, augmentation: str = "auto", **method: str) -> list[TrainInput]:
         return [stage.input for stage in stages_for(MethodConfig(name=name, **method), 10, augmentation)]
 
-    assert inputs("proco") == [TrainInput(True, "supervised", 2)]
-    assert inputs("proco_paper") == [TrainInput(False, "moco_v2", 2)]
-    assert inputs("proco", sampling="instance_balanced") == [TrainInput(False, "supervised", 2)]
+    assert inputs("proco") == [TrainInput(CLASS_BALANCED, "supervised", 2)]
+    assert inputs("proco_paper") == [TrainInput(INSTANCE_BALANCED, "moco_v2", 2)]
+    assert inputs("proco", sampling="instance_balanced") == [TrainInput(INSTANCE_BALANCED, "supervised", 2)]
     for single in ("ce", "focal", "ldam_drw", "ohem"):
-        assert inputs(single) == [TrainInput(False, "supervised", 1)]
-    assert inputs("ce_resample") == [TrainInput(True, "supervised", 1)]
-    assert inputs("cl_resample") == [TrainInput(False, "moco_v2", 2), TrainInput(True, "supervised", 1)]
-    assert inputs("cl", "pretrain:supervised,linear:none") == [TrainInput(False, "supervised", 2), TrainInput(False, "none", 1)]
-    assert inputs("ce", "moco_v2") == [TrainInput(False, "moco_v2", 1)]
+        assert inputs(single) == [TrainInput(INSTANCE_BALANCED, "supervised", 1)]
+    assert inputs("ce_resample") == [TrainInput(CLASS_BALANCED, "supervised", 1)]
+    assert inputs("cl_resample") == [TrainInput(INSTANCE_BALANCED, "moco_v2", 2), TrainInput(CLASS_BALANCED, "supervised", 1)]
+    assert inputs("cl", "pretrain:supervised,linear:none") == [
+        TrainInput(INSTANCE_BALANCED, "supervised", 2),
+        TrainInput(INSTANCE_BALANCED, "none", 1),
+    ]
+    assert inputs("ce", "moco_v2") == [TrainInput(INSTANCE_BALANCED, "moco_v2", 1)]
     with pytest.raises(ValueError, match="data.augmentation must be 'auto' or one of"):
         inputs("ce", "randaugment")
     with pytest.raises(ValueError, match="method 'ce' trains on instance_balanced batches; method.sampling applies to proco"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from proco_ray.config import CLASS_BALANCED, INSTANCE_BALANCED
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import build_dataset, load_split
 from proco_ray.data.prepare import PrepareOptions, prepare
@@ -129,8 +130,8 @@ def test_a_dataset_for_a_resumed_run_continues_the_row_orders(prepared, ray_loca
     context = ray_local.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     try:
-        for resample in (False, True):
-            common = dict(train=True, with_ids=True, seed=3, resample=resample)
+        for sampling in (INSTANCE_BALANCED, CLASS_BALANCED):
+            common = dict(train=True, with_ids=True, seed=3, sampling=sampling)
             [straight] = build_dataset(prepared, "train", **common).streaming_split(1)
             orders = [epoch_ids(straight) for _ in range(3)]
             [resumed] = build_dataset(prepared, "train", first_epoch=2, **common).streaming_split(1)
@@ -140,7 +141,7 @@ def test_a_dataset_for_a_resumed_run_continues_the_row_orders(prepared, ray_loca
 
 
 def test_class_balanced_resampling(skewed):
-    ds = build_dataset(skewed, "train", train=True, resample=True)
+    ds = build_dataset(skewed, "train", train=True, sampling=CLASS_BALANCED)
     draws = []
     for _ in range(2):
         labels = torch.cat([b["label"] for b in ds.iter_torch_batches(batch_size=64)])
@@ -212,7 +213,7 @@ def test_local_feed_reads_what_the_ray_pipeline_reads_without_ray(prepared):
     manifest = read_manifest(prepared)
     assert feed.class_names == manifest.classes and feed.class_counts == manifest.class_counts("train")
     assert feed.steps_per_epoch == manifest.num_rows("train") // 8
-    batches = list(feed.train_batches(TrainInput(False, "moco_v2", 2), 0))
+    batches = list(feed.train_batches(TrainInput(INSTANCE_BALANCED, "moco_v2", 2), 0))
     assert len(batches) == feed.steps_per_epoch and set(batches[0]) == {"image", "label"}
     assert batches[0]["image"].shape == (8, SIZE, SIZE, 3) and batches[0]["image"].dtype == torch.uint8
     local = torch.cat([b["image"] for b in feed.eval_batches("val")])
@@ -227,8 +228,8 @@ def image_rows(images: torch.Tensor) -> list[bytes]:
     return sorted(bytes(row) for row in images.reshape(len(images), -1).numpy())
 
 
-@pytest.mark.parametrize("resample", [False, True], ids=["shuffle", "class_balanced"])
-def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resample):
+@pytest.mark.parametrize("sampling", [INSTANCE_BALANCED, CLASS_BALANCED])
+def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, sampling):
     """The same (seed, epoch) gives the Ray Data pipeline and the local feed the same rows in the same order
     (`sampling.epoch_rows`), on 1 rank; on 2 ranks, the local feed's ranks together give exactly those rows
     in step order, and Ray Train's two dataset shards together hold the same rows as its one."""
@@ -237,14 +238,14 @@ def test_one_sampler_gives_both_feeds_the_same_rows(prepared, ray_local, resampl
     from proco_ray.engine.feeds import local_feed
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "train.seed=5"])
-    source = TrainInput(resample, "none", 1)
+    source = TrainInput(sampling, "none", 1)
     context = ray_local.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     try:
         for epoch in range(2):
 
             def dataset():
-                return build_dataset(prepared, "train", train=True, resample=resample, seed=5, first_epoch=epoch)
+                return build_dataset(prepared, "train", train=True, sampling=sampling, seed=5, first_epoch=epoch)
 
             [one] = dataset().streaming_split(1)  # as Ray Train's one worker reads it
             ray_epoch = torch.cat([b["image"] for b in one.iter_torch_batches(batch_size=8)])

@@ -23,10 +23,10 @@ from proco_ray.data.decode import decode_image
 from proco_ray.data.prepare import PrepareOptions, prepare, reencode
 from proco_ray.engine.checkpoint import save_checkpoint
 from proco_ray.errors import DataError
-from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint, restore_model
 from proco_ray.inference.export import export, export_program, inference_module
 from proco_ray.inference.predict import predict, preprocessing_of
 from proco_ray.method.registry import create_method
+from proco_ray.runs import best_checkpoint, read_checkpoint, restore_model
 
 TINY = Path(__file__).parent / "tiny.yaml"
 SIZE = 16

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from proco_ray.cli import main
+from proco_ray.config import INSTANCE_BALANCED
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.errors import DataError, StorageError
 from proco_ray.storage.s3 import join, resolve
@@ -289,7 +290,7 @@ def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen,
     overrides = ["data.image_size=16", "data.batch_size=8", "data.num_classes=7", "optim.epochs=1", "method.name=mtl"]
     config = load_config(Path(__file__).parent / "tiny.yaml", overrides + [f"data.uri={out}"])
     feed = local_feed(out, config, workers=0)
-    batch = next(iter(feed.train_batches(TrainInput(False, "supervised", 1), 0)))
+    batch = next(iter(feed.train_batches(TrainInput(INSTANCE_BALANCED, "supervised", 1), 0)))
     assert set(batch) == {"image", "label", "location"} and batch["location"].shape == batch["label"].shape
     metrics = train_worker(config, feed, WorkerEnv(print_progress=False))
     assert metrics["train/location_ce"] > 0 and 0.0 <= metrics["val/macro_f1"] <= 1.0

@@ -1,4 +1,4 @@
-"""Each private part of Ray that proco_ray/launch/ray_compat.py reads, checked against the installed Ray.
+"""Each private part of Ray that proco_ray/ray_compat.py reads, checked against the installed Ray.
 
 A Ray upgrade that renames, moves or reshapes one fails here, naming the internal and what depends on it.
 No Ray cluster is started.
@@ -20,9 +20,9 @@ from unittest import mock
 import pytest
 import ray
 
-from proco_ray.launch import ray_compat
+from proco_ray import ray_compat
 from proco_ray.launch.cluster import DROPPED_LINES
-from proco_ray.launch.trainer import read_snapshot, remove_unregistered_checkpoints, resumed_epoch
+from proco_ray.runs import RunFolder
 
 CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
 
@@ -49,14 +49,14 @@ def test_the_snapshot_file_name_is_the_one_ray_train_writes_in_the_run_folder(tm
     theirs = getattr(constants, "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME", None)
     assert theirs == ray_compat.RAY_TRAIN_SNAPSHOT, (
         f"ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME is {theirs!r}, not "
-        f"{ray_compat.RAY_TRAIN_SNAPSHOT!r}: resume (trainer.resumed_epoch), the orphan clean-up and "
-        "evaluate.best_checkpoint read Ray Train's snapshot by that name"
+        f"{ray_compat.RAY_TRAIN_SNAPSHOT!r}: resume (RunFolder.resumed_epoch), the orphan clean-up and "
+        "RunFolder.best_checkpoint read Ray Train's snapshot by that name"
     )
     storage = import_internal("ray.train.v2._internal.execution.storage", "ray_compat.RAY_TRAIN_SNAPSHOT")
     context = storage.StorageContext(storage_path=str(tmp_path), experiment_dir_name="run", read_only=True)
     assert context.checkpoint_manager_snapshot_path == f"{tmp_path}/run/{ray_compat.RAY_TRAIN_SNAPSHOT}", (
         "StorageContext.checkpoint_manager_snapshot_path is no longer <storage>/<run>/"
-        f"{ray_compat.RAY_TRAIN_SNAPSHOT}: trainer.read_snapshot looks for it there"
+        f"{ray_compat.RAY_TRAIN_SNAPSHOT}: RunFolder.snapshot looks for it there"
     )
 
 
@@ -108,17 +108,19 @@ def test_a_snapshot_written_by_ray_trains_checkpoint_manager_reads_back(tmp_path
     run = tmp_path / "run"
     on_disk = {p.name for p in run.iterdir() if p.is_dir()}
     assert on_disk == {names[0], names[2], names[3]}, f"Ray Train kept {on_disk} of {names}"
-    snapshot = read_snapshot(str(run))
+    snapshot = RunFolder.at(str(run)).snapshot()
     assert snapshot is not None, f"Ray Train wrote no {ray_compat.RAY_TRAIN_SNAPSHOT} in the run folder {run}"
     message = "ray_compat.parse_train_snapshot misreads the snapshot Ray Train wrote: {}"
     assert snapshot.latest is not None and snapshot.latest.dir_name == names[3], message.format("latest_checkpoint_result")
-    assert resumed_epoch(str(run)) == 4, message.format("the latest checkpoint's metrics (trainer.resumed_epoch)")
+    assert RunFolder.at(str(run)).resumed_epoch() == 4, message.format(
+        "the latest checkpoint's metrics (RunFolder.resumed_epoch)"
+    )
     assert [c.dir_name for c in snapshot.pending] == [names[3]], message.format("pending_training_results")
     assert {c.dir_name for c in snapshot.kept} >= {names[0], names[2]}, message.format("checkpoint_results")
     assert snapshot.dir_names() == on_disk, message.format("the checkpoints it lists")
     orphan = storage.StorageContext.make_default_checkpoint_dir_name()
     (run / orphan).mkdir()
-    assert remove_unregistered_checkpoints(str(run)) == [orphan]
+    assert RunFolder.at(str(run)).remove_unregistered_checkpoints() == [orphan]
     assert {p.name for p in run.iterdir() if p.is_dir()} == on_disk
 
 
@@ -175,18 +177,18 @@ def test_the_execution_finished_line_comes_from_the_streaming_executors_logger()
 
 def test_the_report_line_comes_from_a_logger_named_by_the_train_context_file():
     assert importlib.util.find_spec(CONTEXT_MODULE) is not None, (
-        f"Ray has no module {CONTEXT_MODULE}: trainer.quiet_report_lines names the logger of Ray Train's "
+        f"Ray has no module {CONTEXT_MODULE}: train_worker.quiet_report_lines names the logger of Ray Train's "
         "'Reporting training result' line by its file (ray_compat.train_report_logger_name)"
     )
-    context = import_internal(CONTEXT_MODULE, "trainer.quiet_report_lines")
+    context = import_internal(CONTEXT_MODULE, "train_worker.quiet_report_lines")
     name = ray_compat.train_report_logger_name()
     logger = getattr(context, "logger", None)
     assert name is not None and isinstance(logger, logging.Logger) and logger.name == name, (
         f"{CONTEXT_MODULE} no longer logs through logging.getLogger(__file__) ({logger}): "
-        "trainer.quiet_report_lines quiets the logger ray_compat.train_report_logger_name names"
+        "train_worker.quiet_report_lines quiets the logger ray_compat.train_report_logger_name names"
     )
     assert "Reporting training result" in inspect.getsource(context), (
-        f"{CONTEXT_MODULE} no longer prints 'Reporting training result': trainer.quiet_report_lines quiets it there"
+        f"{CONTEXT_MODULE} no longer prints 'Reporting training result': train_worker.quiet_report_lines quiets it there"
     )
 
 
@@ -251,9 +253,9 @@ def test_the_snapshot_parser_reads_rays_json_keys():
 
 
 def test_ray_compat_is_the_only_module_that_reads_rays_private_parts():
-    package = Path(ray_compat.__file__).parents[1]
+    package = Path(ray_compat.__file__).parent
     private = re.compile(r"ray\._private|\._internal\b|_try_log_hparams|checkpoint_manager_snapshot")
     readers = sorted(
         str(path.relative_to(package)) for path in package.rglob("*.py") if private.search(path.read_text(encoding="utf-8"))
     )
-    assert readers == ["launch/ray_compat.py"], f"modules naming Ray's private parts outside ray_compat.py: {readers}"
+    assert readers == ["ray_compat.py"], f"modules naming Ray's private parts outside ray_compat.py: {readers}"

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
@@ -17,16 +16,10 @@ from proco_ray.config import ConfigError, load_config
 from proco_ray.engine.checkpoint import STAGING_PREFIX, load_checkpoint
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.launch.trainer import (
-    RAY_TRAIN_SNAPSHOT,
-    check_resources,
-    fit,
-    quiet_dataset,
-    quiet_report_lines,
-    remove_unregistered_checkpoints,
-    resumed_epoch,
-    run_storage,
-)
+from proco_ray.launch.train_worker import quiet_report_lines
+from proco_ray.launch.trainer import check_resources, fit, quiet_dataset
+from proco_ray.ray_compat import RAY_TRAIN_SNAPSHOT
+from proco_ray.runs import RunFolder
 from proco_ray.storage.s3 import join, list_files, write_bytes
 
 FEED = GeneratedFeed(train_counts=(24, 12, 6, 6), eval_counts=(4, 4, 4, 4), image_size=16)
@@ -97,9 +90,9 @@ def test_only_checkpoint_folders_ray_never_registered_are_removed(where, tmp_pat
     for folder in (kept, latest, orphan, "checkpoint_notes", "tensorboard"):
         write_bytes(join(run_uri, folder, "state.pt"), b"x")
     write_bytes(join(run_uri, "checkpoint_2026-11-28_22-09-00.123456"), b"a file, not a folder")
-    run_path, filesystem = run_storage(storage)
-    assert remove_unregistered_checkpoints(f"{run_path}/run", filesystem) == [orphan]
-    left = {info.path.split("/run/", 1)[1] for info in list_files(filesystem or pafs.LocalFileSystem(), f"{run_path}/run")}
+    run = RunFolder.of(storage, "run")
+    assert run.remove_unregistered_checkpoints() == [orphan]
+    left = {info.path.split("/run/", 1)[1] for info in list_files(run.fs, run.path)}
     assert left == {
         RAY_TRAIN_SNAPSHOT,
         f"{kept}/state.pt",
@@ -108,7 +101,7 @@ def test_only_checkpoint_folders_ray_never_registered_are_removed(where, tmp_pat
         "tensorboard/state.pt",
         "checkpoint_2026-11-28_22-09-00.123456",
     }
-    assert remove_unregistered_checkpoints(f"{run_path}/never-ran", filesystem) == []
+    assert RunFolder.of(storage, "never-ran").remove_unregistered_checkpoints() == []
 
 
 def kill_one_training_worker_when(ray_module, ready: Callable[[], bool], killed: list[int]) -> threading.Thread:
@@ -150,7 +143,7 @@ def checkpoint_folders(run: Path) -> set[str]:
 
 KILL_TIMINGS = {
     "as the workers start": lambda run: True,
-    "once the first checkpoint is registered": lambda run: resumed_epoch(str(run)) >= 1,
+    "once the first checkpoint is registered": lambda run: RunFolder.at(str(run)).resumed_epoch() >= 1,
     "as the second checkpoint is written": lambda run: len(checkpoint_folders(run)) >= 2,
 }
 
@@ -174,7 +167,7 @@ def test_killed_worker_resumes_from_the_latest_registered_checkpoint(timing, ray
     left = [p for pid in killed for p in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{pid}-*")]
     assert not left, f"the killed worker's staged checkpoint outlived the run: {left}"
     # what a restarted worker group's training datasets start from: Ray Train's record of this real run
-    assert resumed_epoch(str(run_folder)) == 4 and resumed_epoch(str(tmp_path / "never-ran")) == 0
+    assert RunFolder.at(str(run_folder)).resumed_epoch() == 4 and RunFolder.at(str(tmp_path / "never-ran")).resumed_epoch() == 0
 
 
 def test_train_and_data_do_not_echo_every_report_and_execution(ray_local):

@@ -1,8 +1,7 @@
-"""The `proco-ray` command: one subcommand per step, each living in its own module.
+"""The `proco-ray` command: one subcommand per step, each a module of `proco_ray.commands`.
 
-Each module named below provides `add_arguments(parser)` and `run(args) -> int`;
-it is imported only when its subcommand runs, so `proco-ray storage` does not
-pay for importing torch.
+Each provides `add_arguments(parser)` and `run(args) -> int`; it is imported only when its subcommand runs,
+so `proco-ray storage` does not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -15,20 +14,20 @@ from collections.abc import Sequence
 from proco_ray.errors import ProcoError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("proco_ray.demo", "run the main job end to end on embedded defaults"),
-    "storage": ("proco_ray.storage.seaweedfs", "start, stop or inspect the local S3 server (SeaweedFS)"),
-    "prepare": ("proco_ray.data.prepare", "ingest a dataset into Parquet shards in object storage"),
-    "train": ("proco_ray.launch.trainer", "train on a prepared dataset with Ray Train (joins a running cluster)"),
-    "evaluate": ("proco_ray.evaluation.evaluate", "evaluate a checkpoint on a prepared dataset"),
-    "predict": ("proco_ray.inference.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
+    "demo": ("proco_ray.commands.demo", "run the main job end to end on embedded defaults"),
+    "storage": ("proco_ray.commands.storage", "start, stop or inspect the local S3 server (SeaweedFS)"),
+    "prepare": ("proco_ray.commands.prepare", "ingest a dataset into Parquet shards in object storage"),
+    "train": ("proco_ray.commands.train", "train on a prepared dataset with Ray Train (joins a running cluster)"),
+    "evaluate": ("proco_ray.commands.evaluate", "evaluate a checkpoint on a prepared dataset"),
+    "predict": ("proco_ray.commands.predict", "class probabilities of new images with a checkpoint (Ray Data batch inference)"),
     "export": (
-        "proco_ray.inference.export",
+        "proco_ray.commands.export",
         "a checkpoint's classifier as a torch.export program that loads without this package",
     ),
-    "tune": ("proco_ray.launch.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
-    "local-sweep": ("proco_ray.launch.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
+    "tune": ("proco_ray.commands.tune", "Ray Tune sweeps: ASHA hyperparameter search, the paper's ablations and baselines"),
+    "local-sweep": ("proco_ray.commands.local_sweep", "an experiment's variants x seeds on one machine without Ray (a GPU box)"),
     "length-curve": (
-        "proco_ray.experiments.length",
+        "proco_ray.commands.length_curve",
         "one comparison at several training lengths: paired differences and the curve",
     ),
 }

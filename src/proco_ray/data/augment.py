@@ -157,26 +157,6 @@ def blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (factor * x + (1 - factor) * other).clamp_(0, 1)
 
 
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, torch.zeros((), device=x.device, dtype=x.dtype), factor)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, grayscale(x), factor)
-
-
-def rgb_to_hsv(x: Tensor) -> Tensor:
-    """torchvision's tensor RGB -> HSV (hue in [0, 1))."""
-    maxc, minc = x.amax(dim=1), x.amin(dim=1)
-    chroma = maxc - minc
-    saturation = chroma / torch.where(chroma == 0, torch.ones_like(maxc), maxc)
-    return torch.stack([_hue(x, maxc, chroma), saturation, maxc], dim=1)
-
-
 def _hue(x: Tensor, maxc: Tensor, chroma: Tensor) -> Tensor:
     """The hue in [0, 1) of torchvision's _rgb2hsv, from the channel maximum and the chroma."""
     r, g, b = x.unbind(dim=1)
@@ -194,12 +174,6 @@ def _from_hue(hue: Tensor, value: Tensor, chroma: Tensor) -> Tensor:
     k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp_(0, 1)
     return (value.unsqueeze(1) - chroma.unsqueeze(1) * weight).clamp_(0, 1)
-
-
-def hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """torchvision's tensor HSV -> RGB."""
-    hue, saturation, value = hsv.unbind(dim=1)
-    return _from_hue(hue, value, value * saturation)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:

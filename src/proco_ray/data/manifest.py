@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from proco_ray.config import Config, ConfigError
+from proco_ray.data.sampling import check_batch_divides
 from proco_ray.errors import DataError
 from proco_ray.storage.s3 import join, read_bytes, write_bytes
 
@@ -144,8 +145,7 @@ def check_manifest(config: Config, manifest: Manifest) -> None:
         if split not in manifest.splits:
             raise ConfigError(f"the dataset at {manifest.uri} has no '{split}' split (it has {manifest.splits})")
     global_batch = config.data.batch_size
-    if global_batch % config.train.num_workers:
-        raise ConfigError(f"data.batch_size ({global_batch}) must be divisible by train.num_workers ({config.train.num_workers})")
+    check_batch_divides(global_batch, config.train.num_workers)
     if manifest.num_rows(config.data.train_split) < global_batch:
         raise ConfigError(
             f"the '{config.data.train_split}' split has {manifest.num_rows(config.data.train_split)} images, "

@@ -5,9 +5,9 @@ manifest's sha256, keeps the encoded rows in the Ray object store, and returns
 a lazy `ray.data.Dataset`. Every iteration re-executes its plan, which is what
 makes each epoch fresh:
 
-* train: a permutation of the rows seeded by (seed, epoch): a new order every
-  epoch, the same orders for the same seed.
-* train + resample: each epoch draws as many rows as the split has, a class
+* train, instance-balanced: a permutation of the rows seeded by (seed, epoch): a new
+  order every epoch, the same orders for the same seed.
+* train, class-balanced: each epoch draws as many rows as the split has, a class
   uniformly then an image of it uniformly (draws seeded by (seed, epoch) too).
 * eval: every row once, in order.
 
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from proco_ray.config import INSTANCE_BALANCED
 from proco_ray.data.decode import decode_batch
 from proco_ray.data.manifest import MANIFEST, Shard, read_manifest
 from proco_ray.data.sampling import epoch_rows
@@ -96,9 +97,12 @@ def num_blocks(rows: int, image_size: int) -> int:
     return max(MIN_BLOCKS, math.ceil(rows / rows_per_block))
 
 
+SEQUENTIAL = "sequential"  # an evaluation pass: every row once, in stored order
+
+
 @dataclass(frozen=True)
 class RowOrder:
-    """Which stored rows an epoch visits: 'sequential' (eval), 'shuffle' (a permutation), 'balanced' (resampling)."""
+    """Which stored rows an epoch visits: SEQUENTIAL (eval), or a training epoch's sampling (`sampling.epoch_rows`)."""
 
     mode: str
     seed_config: Any = None
@@ -116,10 +120,10 @@ class RowOrder:
 
     def pick(self, positions: np.ndarray, labels: np.ndarray, data_context: Any) -> np.ndarray:
         """Stored row indices for these positions of the epoch."""
-        if self.mode == "sequential":
+        if self.mode == SEQUENTIAL:
             return positions
         seed, epoch = self.epoch_key(data_context)
-        return epoch_rows(labels, seed, epoch, class_balanced=self.mode == "balanced")[positions]
+        return epoch_rows(labels, seed, epoch, self.mode)[positions]
 
 
 def select_rows(batch: dict[str, np.ndarray], refs: Sequence[Any], order: RowOrder, data_context: Any) -> pa.Table:
@@ -159,7 +163,7 @@ def build_dataset(
     split: str,
     *,
     train: bool,
-    resample: bool = False,
+    sampling: str = INSTANCE_BALANCED,
     seed: int = 0,
     with_ids: bool = False,
     first_epoch: int = 0,
@@ -181,7 +185,7 @@ def build_dataset(
     from ray.data import RandomSeedConfig
 
     stored = stored or store_split(uri, split)
-    mode = "sequential" if not train else "balanced" if resample else "shuffle"
+    mode = sampling if train else SEQUENTIAL
     seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True) if train else None
     order = RowOrder(mode, seed_config, first_epoch)
     positions = ray.data.range(stored.rows, override_num_blocks=num_blocks(stored.rows, stored.image_size)).materialize()

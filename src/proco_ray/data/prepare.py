@@ -8,11 +8,9 @@ readers refuse a prefix without one, so a failed run never looks complete.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
-import json
 import math
 import sys
 import time
@@ -29,12 +27,11 @@ import pyarrow.parquet as pq
 import proco_ray
 from proco_ray.data.decode import RAW
 from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest, Shard, write_manifest
-from proco_ray.data.sources import KINDS, Source, listing, read_source
-from proco_ray.data.splits import MODES, make_split, split_counts
+from proco_ray.data.sources import Source, listing, read_source
+from proco_ray.data.splits import make_split, split_counts
 from proco_ray.errors import DataError, image_problem
-from proco_ray.storage.s3 import claim_output, is_s3, join, list_files, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import ClaimedOutput, claim_output, is_s3, join, list_files, resolve, storage_errors
 
-MARKER = ".proco-ray-prepare"  # written before the shards: marks the folder as a prepare output, complete or not
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG", RAW: None}  # raw: the uint8 pixels, nothing to decode when training
 AUTO = "auto"
 RAW_UP_TO = 64  # auto: raw pixels up to this size (delivered about twice as fast as JPEG), JPEG above (raw would be
@@ -147,9 +144,10 @@ def check_disjoint(output_uri: str, out: str, *inputs: str | None) -> None:
             )
 
 
-def check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> bool:
+def claim_prepare_output(uri: str, overwrite: bool) -> ClaimedOutput:
     """Refuse an output that holds data unless overwriting a previous prepare's own output (its manifest or
-    its marker is there); returns whether there is something to clear."""
+    its marker is there)."""
+    _, path = resolve(uri)
 
     def describe(names: set[str]) -> str:
         return (
@@ -158,15 +156,7 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> b
             else "files from an incomplete or foreign run (no manifest.json)"
         )
 
-    return claim_output(fs, path, uri, overwrite, "prepare", [MANIFEST, MARKER], describe)
-
-
-def clear_output(fs: pafs.FileSystem, path: str, uri: str) -> None:
-    """Delete the manifest first, so that an interrupted clear never leaves a manifest over partial shards."""
-    with storage_errors(uri):
-        if fs.get_file_info(join(path, MANIFEST)).type == pafs.FileType.File:
-            fs.delete_file(join(path, MANIFEST))
-        fs.delete_dir_contents(path, missing_dir_ok=True)
+    return claim_output(uri, overwrite, "prepare", describe, also_own=[MANIFEST])
 
 
 def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[str, Any]:
@@ -183,12 +173,6 @@ def _shard_entry(fs: pafs.FileSystem, root: str, path: str, split: str) -> dict[
 
 
 # --------------------------------------------------------------------------- the job
-
-
-def _ensure_ray() -> None:
-    from proco_ray.launch.cluster import connect_or_start_ray
-
-    connect_or_start_ray()
 
 
 def _input_dataset(source: Source, splits: Sequence[str], seed: int):
@@ -212,7 +196,6 @@ def _input_dataset(source: Source, splits: Sequence[str], seed: int):
 
 def encode_all(source: Source, splits: Sequence[str], options: PrepareOptions):
     """Every image read, resized and encoded by Ray Data workers, held in the object store until written."""
-    _ensure_ray()
     return (
         _input_dataset(source, splits, options.seed)
         .map_batches(
@@ -320,9 +303,8 @@ def prepare(
     if options.image_size < 8:
         raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
     started = time.time()
-    out_fs, out_path = resolve(output_uri)
-    check_disjoint(output_uri, out_path, source_uri, groups)
-    occupied = check_output(out_fs, out_path, output_uri, options.overwrite)
+    check_disjoint(output_uri, resolve(output_uri)[1], source_uri, groups)
+    output = claim_prepare_output(output_uri, options.overwrite)
     source = read_source(source_uri, kind, groups=groups, classes=classes)
     records = source.records
     group_ids = [r.group or f"image:{r.id}" for r in records] if any(r.group for r in records) else None
@@ -352,13 +334,11 @@ def prepare(
     if empty:
         raise DataError(f"{source_uri}: class(es) with no image left after skipping corrupt files: {empty}")
 
-    if occupied:
-        clear_output(out_fs, out_path, output_uri)
+    output.replace_earlier(delete_first=MANIFEST)  # never a manifest over partial shards
     shards: list[dict[str, Any]] = []
     with storage_errors(output_uri):
-        write_bytes(join(output_uri, MARKER), b"written by proco-ray prepare; --overwrite may replace this folder\n")
         for split, per_class in counts.items():
-            entries = write_split(processed, split, out_fs, out_path, options.shard_mb)
+            entries = write_split(processed, split, output.fs, output.path, options.shard_mb)
             if sum(e["rows"] for e in entries) != sum(per_class.values()):
                 raise DataError(
                     f"{output_uri}: wrote {sum(e['rows'] for e in entries)} {split} rows, expected {sum(per_class.values())}"
@@ -372,67 +352,3 @@ def prepare(
         file=sys.stderr,
     )
     return manifest.to_dict()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="dataset as downloaded: a folder, an .npz file, or s3://bucket/prefix")
-    parser.add_argument("output", help="where shards and manifest.json go: a folder or s3://bucket/prefix")
-    parser.add_argument(
-        "--format", dest="kind", default="auto", choices=["auto", *KINDS], help="source layout (default: detected)"
-    )
-    defaults = PrepareOptions()
-    parser.add_argument(
-        "--image-size", type=int, default=defaults.image_size, help="square side in pixels (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--encoding",
-        choices=[AUTO, *ENCODINGS],
-        default=defaults.encoding,
-        help=f"how images are stored: jpeg, png, or raw uint8 pixels (nothing to decode, 3 bytes a pixel); "
-        f"auto (default): raw up to {RAW_UP_TO} px, jpeg above",
-    )
-    parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (default: %(default)s)")
-    parser.add_argument(
-        "--split",
-        choices=MODES,
-        default=defaults.split,
-        help="paper: stratified 7:3 train/test with val carved from train; official: the source's "
-        "own splits; official-val-as-test: the source's val as test and --val-fraction of its train as val "
-        "(MedMNIST files without their test split); test: everything as an external test set (default: %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
-    parser.add_argument(
-        "--val-fraction", type=float, default=defaults.val_fraction, help="share of train held out for validation"
-    )
-    parser.add_argument(
-        "--groups", help="CSV of image id -> lesion/patient id (e.g. HAM10000_metadata.csv) for group-aware splits"
-    )
-    parser.add_argument("--classes", help="comma-separated class names (ImageFolder, MedMNIST)")
-    parser.add_argument("--skip-corrupt", action="store_true", help="leave out undecodable images, listing them in the manifest")
-    parser.add_argument("--overwrite", action="store_true", help="replace what the output already holds")
-    parser.add_argument(
-        "--shard-mb", type=float, default=defaults.shard_mb, help="target shard size in MiB (default: %(default)s)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    options = PrepareOptions(
-        image_size=args.image_size,
-        encoding=args.encoding,
-        quality=args.quality,
-        split=args.split,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        val_fraction=args.val_fraction,
-        skip_corrupt=args.skip_corrupt,
-        overwrite=args.overwrite,
-        shard_mb=args.shard_mb,
-    )
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)
-    print(json.dumps({"output": args.output, "counts": manifest["counts"], "shards": len(manifest["shards"])}, indent=2))
-    return 0

@@ -234,7 +234,8 @@ def read_groups(uri: str) -> dict[str, str]:
     return parse_groups(header, rows, uri)
 
 
-def _is_image(path: str) -> bool:
+def is_image_file(path: str) -> bool:
+    """An image by its suffix (IMAGE_EXTENSIONS), hidden files (macOS's ._ twins) left out."""
     name = posixpath.basename(path)
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -257,7 +258,7 @@ def read_isic2018(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str,
     entries: list[tuple[str, int, int]] = []
     for folder, split in ISIC_SPLIT_NAMES.items():
         input_dir = f"ISIC2018_Task3_{folder}_Input"
-        images = {_stem(f.path): f for f in files if _is_image(f.path) and f"/{input_dir}/" in f"/{_rel(f.path, root)}"}
+        images = {_stem(f.path): f for f in files if is_image_file(f.path) and f"/{input_dir}/" in f"/{_rel(f.path, root)}"}
         csv_name = f"ISIC2018_Task3_{folder}_GroundTruth.csv"
         csvs = [f.path for f in files if posixpath.basename(f.path) == csv_name]
         if not images and not csvs:
@@ -320,7 +321,7 @@ def read_aptos2019(fs: pafs.FileSystem, root: str, uri: str, groups: Mapping[str
     if unknown:
         raise DataError(f"{csv_path}: unknown class (diagnosis must be 0-4) in {len(unknown)} row(s):\n{listing(unknown)}")
     image_dir = posixpath.join(root, "train_images") + "/"
-    images = {_stem(f.path): f for f in files if f.path.startswith(image_dir) and _is_image(f.path)}
+    images = {_stem(f.path): f for f in files if f.path.startswith(image_dir) and is_image_file(f.path)}
     match_labels({k: _rel(v.path, root) for k, v in images.items()}, labels, uri)
     records = [
         Record(i, labels[i], path=images[i].path, official_split="train", group=(groups or {}).get(i)) for i in sorted(images)
@@ -443,7 +444,7 @@ def read_imagefolder(
     records, entries = [], []
     for info in infos:
         rel = _rel(info.path, root)
-        if info.type != pafs.FileType.File or "/" not in rel or not _is_image(rel):
+        if info.type != pafs.FileType.File or "/" not in rel or not is_image_file(rel):
             continue
         label = names.index(rel.split("/", 1)[0])
         records.append(Record(rel, label, path=info.path, group=(groups or {}).get(rel)))

@@ -23,7 +23,6 @@ from proco_ray.metric_keys import EPOCH
 from proco_ray.processes import process_runs
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_HELP = "a checkpoint folder, or a run folder for its best checkpoint (local or s3://)"  # --checkpoint
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "class_names", "model", "method", "epoch", "global_step")
 STAGING_PREFIX = "proco-ray-checkpoint-"

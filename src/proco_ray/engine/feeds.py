@@ -1,7 +1,7 @@
 """What the training loop eats: a `DataFeed` of per-rank batch iterators of uint8 images.
 
 The loop sees only this interface, so the same loop trains from Ray Data shards
-inside Ray Train workers (`proco_ray.launch.trainer`), from a prepared dataset in a
+inside Ray Train workers (`proco_ray.launch.train_worker`), from a prepared dataset in a
 plain process (`local_feed`) and from in-memory tensors (`tensor_feed`: tests, demos).
 Every feed delivers the stored uint8 images; the loop makes the views on its device.
 """
@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from proco_ray.data.sampling import epoch_rows
+from proco_ray.data.sampling import check_batch_divides, epoch_rows, rank_batches, rank_share
 from proco_ray.data.train_input import TrainInput
-
-Batch = dict[str, Tensor]
+from proco_ray.method.base import Batch
 
 
 @dataclass
@@ -49,27 +47,25 @@ def tensor_feed(
     batch, so W ranks see exactly what one rank with the same global batch sees.
     """
     images, labels = train
-    if global_batch_size % world_size:
-        raise ValueError(f"data.batch_size ({global_batch_size}) must be divisible by the number of workers ({world_size})")
+    check_batch_divides(global_batch_size, world_size)
     if len(images) < global_batch_size:
         raise ValueError(f"the training split has {len(images)} images, fewer than one batch of {global_batch_size}")
-    local = global_batch_size // world_size
     images_t = torch.from_numpy(np.ascontiguousarray(images))
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     steps = len(images) // global_batch_size
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
 
     def train_batches(source: TrainInput, epoch: int) -> Iterator[Batch]:
-        order = torch.from_numpy(epoch_rows(np.asarray(labels), seed, epoch, source.resample))
-        for step in range(steps):
-            index = order[step * global_batch_size : (step + 1) * global_batch_size][rank * local : (rank + 1) * local]
+        order = epoch_rows(np.asarray(labels), seed, epoch, source.sampling)
+        for rows in rank_batches(order, global_batch_size, rank, world_size):
+            index = torch.from_numpy(rows)
             yield {"image": images_t[index], "label": labels_t[index]}
 
     def eval_batches(split: str) -> Iterator[Batch]:
         if split not in eval_sets:
             raise KeyError(f"no split '{split}' in this feed (have {sorted(eval_sets)})")
         split_images, split_labels = eval_sets[split]
-        mine = np.arange(rank, len(split_images), world_size)
+        mine = rank_share(len(split_images), rank, world_size)
         for start in range(0, len(mine), global_batch_size):
             index = mine[start : start + global_batch_size]
             yield {
@@ -141,8 +137,7 @@ def local_feed(
     from proco_ray.data.pipeline import load_split
 
     data = config.data
-    if data.batch_size % world_size:
-        raise ValueError(f"data.batch_size ({data.batch_size}) must be divisible by the number of workers ({world_size})")
+    check_batch_divides(data.batch_size, world_size)
     manifest = read_manifest(uri)
     check_manifest(config, manifest)
     splits = [data.train_split, data.val_split] + [s for s in [data.test_split] if s in manifest.splits]
@@ -154,7 +149,6 @@ def local_feed(
             if name in table.column_names:
                 columns[split][name] = table.column(name).to_numpy().astype(np.int64)
     labels = columns[data.train_split]["label"]
-    local = data.batch_size // world_size
     steps = len(labels) // data.batch_size
     decode = partial(decode_batch, encoding=manifest.encoding, size=manifest.image_size)
 
@@ -168,17 +162,14 @@ def local_feed(
         )
 
     def train_batches(source: TrainInput, epoch: int) -> Iterable[Batch]:
-        order = epoch_rows(labels, config.train.seed, epoch, source.resample)
-        rows = [
-            order[step * data.batch_size : (step + 1) * data.batch_size][rank * local : (rank + 1) * local]
-            for step in range(steps)
-        ]
+        order = epoch_rows(labels, config.train.seed, epoch, source.sampling)
+        rows = rank_batches(order, data.batch_size, rank, world_size)
         return loader(_EncodedBatches(columns[data.train_split], rows, decode))
 
     def eval_batches(split: str) -> Iterable[Batch]:
         if split not in columns:
             raise KeyError(f"no split '{split}' in {uri} (have {sorted(columns)})")
-        mine = np.arange(rank, len(columns[split]["label"]), world_size)
+        mine = rank_share(len(columns[split]["label"]), rank, world_size)
         rows = [mine[i : i + data.eval_batch_size] for i in range(0, len(mine), data.eval_batch_size)]
         return loader(_EncodedBatches(columns[split], rows, decode))
 

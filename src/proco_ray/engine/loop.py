@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from proco_ray import distributed
 from proco_ray.config import Config, ConfigError, OptimConfig
 from proco_ray.data.augment import eval_view, make_views, view_generator
 from proco_ray.data.train_input import TrainInput
-from proco_ray.engine import distributed
 from proco_ray.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint, staging_directory
 from proco_ray.engine.feeds import Batch, DataFeed
 from proco_ray.method.base import Method, Stage, unwrap

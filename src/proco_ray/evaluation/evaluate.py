@@ -1,26 +1,20 @@
-"""`proco-ray evaluate`: a checkpoint on any prepared dataset with the same classes."""
+"""A checkpoint's metrics on a split of a prepared dataset, and the evaluation folder they are written to."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from proco_ray.config import config_from_dict
 from proco_ray.data.augment import eval_view
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import build_dataset
-from proco_ray.engine.checkpoint import CHECKPOINT_FILE, CHECKPOINT_HELP, CheckpointError, load_checkpoint
+from proco_ray.engine.checkpoint import CheckpointError
 from proco_ray.evaluation.report import markdown_table, per_class_rows, plot_confusion_matrix, plot_reliability, write_csv
-from proco_ray.launch.cluster import connect_or_start_ray
-from proco_ray.method.registry import create_method
 from proco_ray.metrics import (
     calibration_error_of_bins,
     confusion_matrix,
@@ -29,82 +23,8 @@ from proco_ray.metrics import (
     reliability_bins,
     roc_auc_one_vs_rest,
 )
-from proco_ray.storage.s3 import claim_output, is_s3, join, read_bytes, resolve, storage_errors, write_bytes
-
-
-def best_checkpoint(uri: str) -> str:
-    """The checkpoint `uri` names: itself when it holds checkpoint.pt, else, for a run folder, the checkpoint
-    summary.json calls best, or the best of those Ray Train registered (highest validation score).
-
-    Checkpoints are looked up by name inside `uri`, so a run folder that was moved or copied still works.
-    """
-    from proco_ray.launch.ray_compat import RAY_TRAIN_SNAPSHOT, parse_train_snapshot
-    from proco_ray.metric_keys import CHECKPOINT_SCORE
-
-    uri = uri.rstrip("/")
-    with storage_errors(uri):
-        if read_bytes(join(uri, CHECKPOINT_FILE)) is not None:
-            return uri
-        summary = read_bytes(join(uri, "summary.json"))
-        snapshot = read_bytes(join(uri, RAY_TRAIN_SNAPSHOT))
-    candidates: list[str] = []
-    if summary is not None and json.loads(summary).get("best_checkpoint"):
-        candidates.append(json.loads(summary)["best_checkpoint"].rstrip("/").rsplit("/", 1)[-1])
-    if snapshot is not None:
-        registered = [c for c in parse_train_snapshot(snapshot).kept if c.dir_name]
-        registered.sort(key=lambda c: c.metrics.get(CHECKPOINT_SCORE, float("-inf")), reverse=True)
-        candidates += [c.dir_name for c in registered]
-    for name in candidates:
-        if read_bytes(join(uri, name, CHECKPOINT_FILE)) is not None:
-            return join(uri, name)
-    if summary is None and snapshot is None:
-        raise CheckpointError(
-            f"no {CHECKPOINT_FILE} in {uri}, and it is not a run folder (it has no summary.json or {RAY_TRAIN_SNAPSHOT})"
-        )
-    raise CheckpointError(f"run folder {uri} holds no checkpoint: none of {candidates or 'its registered checkpoints'} is there")
-
-
-@contextlib.contextmanager
-def local_checkpoint(uri: str) -> Iterator[Path]:
-    """A local directory holding the checkpoint at `uri` (downloaded first when it is on S3)."""
-    if not is_s3(uri):
-        yield Path(uri)
-        return
-    import ray.train
-
-    fs, path = resolve(uri)
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
-        yield Path(directory)
-
-
-def read_checkpoint(uri: str) -> dict[str, Any]:
-    """A checkpoint's state (local or s3://), checked by load_checkpoint."""
-    with local_checkpoint(uri) as directory:
-        return load_checkpoint(directory)
-
-
-def restore_model(state: dict[str, Any], device: torch.device | None = None) -> tuple[Any, torch.nn.Module, torch.device]:
-    """(method, network with the checkpoint's weights, device) ready for inference on `device` (default: CUDA
-    when there is one)."""
-    config = config_from_dict(state["config"])
-    classes = len(state["class_names"])
-    method = create_method(config.method, config.model, classes, [1] * classes)
-    model = method.build_model()
-    model.load_state_dict(state["model"])
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    method.to(device)
-    return method, model, device
-
-
-TEMPERATURE_FILE = "temperature.json"  # written beside checkpoint.pt by `evaluate --calibrate`, read by `predict --calibrated`
-
-
-def saved_temperature(checkpoint_uri: str) -> float | None:
-    """The temperature `evaluate --calibrate` saved beside the checkpoint, or None when it was never fitted."""
-    with storage_errors(checkpoint_uri):
-        saved = read_bytes(join(checkpoint_uri, TEMPERATURE_FILE))
-    return None if saved is None else float(json.loads(saved)["temperature"])
+from proco_ray.runs import best_checkpoint, read_checkpoint, restore_model
+from proco_ray.storage.s3 import ClaimedOutput, claim_output, join, output_marker, resolve, write_bytes
 
 
 @torch.no_grad()
@@ -171,21 +91,13 @@ def evaluate_checkpoint(
     return {"checkpoint": checkpoint_uri, "data": data_uri, "split": split, "epoch": state["epoch"], **metrics}
 
 
-MARKER = ".proco-ray-evaluate"  # marks a folder as evaluate's own: --overwrite replaces only such a folder
+def claim_evaluation_output(out_uri: str, overwrite: bool) -> ClaimedOutput:
+    """Refuse an output holding files unless --overwrite and they are an earlier evaluate's own."""
+    marker = join(resolve(out_uri)[1], output_marker("evaluate"))
+    return claim_output(out_uri, overwrite, "evaluate", lambda names: "an earlier evaluation" if marker in names else "files")
 
 
-def claim_evaluation_output(out_uri: str, overwrite: bool) -> bool:
-    """Refuse an output holding files unless --overwrite and they are an earlier evaluate's own; returns whether
-    that earlier evaluation is to be replaced."""
-    fs, path = resolve(out_uri)
-
-    def describe(names: set[str]) -> str:
-        return "an earlier evaluation" if join(path, MARKER) in names else "files"
-
-    return claim_output(fs, path, out_uri, overwrite, "evaluate", [MARKER], describe)
-
-
-def write_evaluation(metrics: dict[str, Any], out_uri: str, title: str, replace: bool) -> list[str]:
+def write_evaluation(metrics: dict[str, Any], output: ClaimedOutput, title: str) -> list[str]:
     """metrics.json, the per-class tables, the confusion matrix and the reliability diagram into `out_uri` (local or
     s3://). Everything is drawn before anything is written, so a failure while drawing leaves the output as it was."""
     rows = per_class_rows(metrics)
@@ -200,44 +112,5 @@ def write_evaluation(metrics: dict[str, Any], out_uri: str, title: str, replace:
             staging / "per_class.md",
             staging / "metrics.json",
         ]
-        if replace:
-            fs, path = resolve(out_uri)
-            with storage_errors(out_uri):
-                fs.delete_dir_contents(path, missing_dir_ok=True)
-        write_bytes(join(out_uri, MARKER), b"written by proco-ray evaluate; --overwrite may replace this folder\n")
-        return [write_bytes(join(out_uri, f.name), f.read_bytes()) for f in files]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--data", required=True, help="prepared dataset URI (local or s3://)")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
-    parser.add_argument(
-        "--out", default="eval", help="folder or s3:// prefix for metrics.json, the per-class tables and the plots"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
-    parser.add_argument(
-        "--calibrate",
-        nargs="?",
-        const="val",
-        metavar="SPLIT",
-        help="fit temperature scaling on SPLIT (default val), report ECE after it and save it beside the checkpoint "
-        f"({TEMPERATURE_FILE}, used by predict --calibrated)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    replace = claim_evaluation_output(args.out, args.overwrite)  # an occupied --out fails before the evaluation
-    connect_or_start_ray()
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.calibrate)
-    written = write_evaluation(metrics, args.out, f"{args.split} split", replace)
-    if args.calibrate:
-        temperature = {"temperature": metrics["temperature"], "fitted_on": f"{args.data} {args.calibrate}"}
-        written.append(write_bytes(join(metrics["checkpoint"], TEMPERATURE_FILE), json.dumps(temperature, indent=2).encode()))
-    print(f"checkpoint: {metrics['checkpoint']} (epoch {metrics['epoch']})")
-    print(markdown_table(per_class_rows(metrics)))
-    headline = ["accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc", "ece", "temperature", "ece_calibrated"]
-    print(" | ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics))
-    print("wrote " + ", ".join(written))
-    return 0
+        output.replace_earlier()
+        return [write_bytes(join(output.uri, f.name), f.read_bytes()) for f in files]

@@ -12,19 +12,17 @@ seed (same seed, same split): the mean of their differences with a paired-t 95 %
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proco_ray.experiments.stats import parse_trial_name
 from proco_ray.metric_keys import LAST_TEST_MACRO_F1, TEST_MACRO_F1
 
 READINGS = {"best-validation epoch": TEST_MACRO_F1, "last epoch": LAST_TEST_MACRO_F1}
-TRIAL_NAME = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
 
 
 @dataclass(frozen=True)
@@ -58,16 +56,17 @@ def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
     last report has the last epoch's test metrics)."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for history_file in sorted(folder.glob("*/history.json")):
-        match = TRIAL_NAME.fullmatch(history_file.parent.name)
+        trial = parse_trial_name(history_file.parent.name)
         history = json.loads(history_file.read_text())
-        if match is None or not history or (history_file.parent / "error.txt").exists():
+        if trial is None or not history or (history_file.parent / "error.txt").exists():
             continue
         last = history[-1]
         if READINGS["last epoch"] not in last:  # reported at the final epoch only: the trial is not finished
             continue
         for reading, key in READINGS.items():
             if key in last:
-                out.setdefault(match["variant"], {}).setdefault(reading, {})[int(match["seed"])] = float(last[key])
+                variant, seed = trial
+                out.setdefault(variant, {}).setdefault(reading, {})[seed] = float(last[key])
     return out
 
 
@@ -151,42 +150,3 @@ def plot_length_curve(datasets: Readings, names: Sequence[str], path: Path) -> P
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def parse_datasets(items: Sequence[tuple[str, str]]) -> dict[str, dict[int, Path]]:
-    """('--dataset', NAME) and ('--sweep', 'EPOCHS=FOLDER') in command-line order -> {NAME: {EPOCHS: FOLDER}}."""
-    datasets: dict[str, dict[int, Path]] = {}
-    current = None
-    for kind, value in items:
-        if kind == "dataset":
-            current = datasets.setdefault(value, {})
-            continue
-        if current is None:
-            raise SystemExit("length-curve: give --dataset NAME before its --sweep EPOCHS=FOLDER")
-        epochs, sep, folder = value.partition("=")
-        if not sep or not epochs.isdigit() or not Path(folder).is_dir():
-            raise SystemExit(f"length-curve: --sweep '{value}' is not EPOCHS=FOLDER of an existing folder")
-        current[int(epochs)] = Path(folder)
-    return datasets
-
-
-class _Ordered(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
-        namespace.items = [*(getattr(namespace, "items", None) or []), (self.dest, values)]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", action=_Ordered, required=True, help="a dataset's name; its --sweep options follow")
-    parser.add_argument("--sweep", action=_Ordered, required=True, help="EPOCHS=FOLDER of a finished local-sweep")
-    parser.add_argument("--method", default="proco", help="variant compared (default proco)")
-    parser.add_argument("--baseline", default="ce_resample", help="variant it is compared with (default ce_resample)")
-    parser.add_argument("--others", nargs="*", default=[], help="further variants shown beside them")
-    parser.add_argument("--figure", type=Path, help="write the length curve here (PNG)")
-
-
-def run(args: argparse.Namespace) -> int:
-    datasets = read_datasets(parse_datasets(args.items))
-    print(length_table(datasets, args.method, args.baseline, args.others))
-    if args.figure:
-        print(f"figure written to {plot_length_curve(datasets, [args.method, args.baseline, *args.others], args.figure)}")
-    return 0

@@ -25,7 +25,7 @@ from proco_ray.experiments.stats import (
     summarise_groups,
     table_rows,
 )
-from proco_ray.metric_keys import BEST_EPOCH, VAL_MACRO_F1
+from proco_ray.metric_keys import BEST_EPOCH, HEADLINE, VAL_MACRO_F1
 from proco_ray.storage.s3 import is_s3, join, resolve
 
 
@@ -70,7 +70,7 @@ def _write_results_to(out: Path, records: Sequence[TrialRecord], experiment: Exp
                 "epochs": r.epochs,
                 "best epoch": last.get(BEST_EPOCH, ""),
                 "metrics from": source,
-                **{k: final.get(k, "") for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+                **{k: final.get(k, "") for k in HEADLINE},
                 experiment.metric: last.get(experiment.metric, ""),
                 "error": r.error or "",
             }

@@ -39,6 +39,18 @@ def group_label(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={_short(v)}" for k, v in rest) or "base"
 
 
+def trial_name(params: Mapping[str, Any]) -> str:
+    """A local sweep's folder name of one trial: `<group label>_seed<seed>` (parse_trial_name reads it back)."""
+    label = group_label(params).replace(", ", "_").replace("=", "-").replace("/", "-")
+    return f"{label}_seed{params.get(SEED_KEY, 0)}"
+
+
+def parse_trial_name(name: str) -> tuple[str, int] | None:
+    """(group label, seed) of a `trial_name`, None for a folder that is not a trial's."""
+    label, sep, seed = name.rpartition("_seed")
+    return (label, int(seed)) if sep and label and seed.isdigit() else None
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 

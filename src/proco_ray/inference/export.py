@@ -10,7 +10,6 @@ validation metrics of the exported epoch.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from typing import Any
@@ -20,13 +19,11 @@ from torch import Tensor, nn
 
 from proco_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from proco_ray.data.decode import RAW
-from proco_ray.engine.checkpoint import CHECKPOINT_HELP
 from proco_ray.metric_keys import VAL
-from proco_ray.storage.s3 import claim_output, join, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import claim_output, join, storage_errors, write_bytes
 
 PROGRAM = "model.pt2"
 METADATA = "model.json"
-MARKER = ".proco-ray-export"  # marks a folder as export's own: --overwrite replaces only such a folder
 MAX_BATCH = 4096  # the largest batch the exported program accepts
 
 
@@ -45,7 +42,7 @@ class NormalisingClassifier(nn.Module):
 
 def inference_module(state: dict[str, Any]) -> NormalisingClassifier:
     """The checkpoint's classifier on the CPU in eval mode, taking [0, 1] images."""
-    from proco_ray.evaluation.evaluate import restore_model
+    from proco_ray.runs import restore_model
 
     _, model, _ = restore_model(state, device=torch.device("cpu"))
     return NormalisingClassifier(model.inference_network()).eval()
@@ -95,23 +92,18 @@ def metadata(state: dict[str, Any], checkpoint_uri: str, temperature: float | No
 
 def export(checkpoint_uri: str, out_uri: str, overwrite: bool = False) -> dict[str, Any]:
     """Write `model.pt2` and `model.json` for the checkpoint at `checkpoint_uri` into `out_uri` (local or s3://)."""
-    from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint, saved_temperature
+    from proco_ray.runs import best_checkpoint, read_checkpoint, saved_temperature
 
     checkpoint_uri = best_checkpoint(checkpoint_uri)
     state = read_checkpoint(checkpoint_uri)
     temperature = saved_temperature(checkpoint_uri)
-    out_fs, out_path = resolve(out_uri)
-    replace = claim_output(
-        out_fs, out_path, out_uri, overwrite, "export", [MARKER], lambda names: "an exported model or other files"
-    )
+    output = claim_output(out_uri, overwrite, "export", lambda names: "an exported model or other files")
     program = export_program(inference_module(state), int(state["config"]["data"]["image_size"]))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     info = metadata(state, checkpoint_uri, temperature)
+    output.replace_earlier()
     with storage_errors(out_uri):
-        if replace:
-            out_fs.delete_dir_contents(out_path, missing_dir_ok=True)
-        write_bytes(join(out_uri, MARKER), b"written by proco-ray export; --overwrite may replace this folder\n")
         write_bytes(join(out_uri, PROGRAM), buffer.getvalue())
         write_bytes(join(out_uri, METADATA), json.dumps(info, indent=2).encode())
     return {
@@ -121,14 +113,3 @@ def export(checkpoint_uri: str, out_uri: str, overwrite: bool = False) -> dict[s
         "temperature": info["temperature"],
         "written": [join(out_uri, PROGRAM), join(out_uri, METADATA)],
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--out", required=True, help="folder or s3:// prefix for model.pt2 and model.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
-
-
-def run(args: argparse.Namespace) -> int:
-    print(json.dumps(export(args.checkpoint, args.out, overwrite=args.overwrite), indent=2))
-    return 0

@@ -9,8 +9,6 @@ unreadable.csv with the reason and do not stop the run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +26,18 @@ from proco_ray.data.decode import decode_image
 from proco_ray.data.manifest import read_manifest
 from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
-from proco_ray.engine.checkpoint import CHECKPOINT_HELP
+from proco_ray.data.sources import IMAGE_EXTENSIONS, is_image_file
 from proco_ray.errors import DataError, image_problem
-from proco_ray.storage.s3 import claim_output, join, list_files, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import (
+    ClaimedOutput,
+    claim_output,
+    join,
+    list_files,
+    output_marker,
+    resolve,
+    storage_errors,
+)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-MARKER = ".proco-ray-predict"  # marks an output folder as predict's own: --overwrite replaces only such a folder
 PREDICTIONS = "predictions.parquet"
 UNREADABLE = "unreadable.csv"
 
@@ -99,7 +103,7 @@ class Predictor:
         the actors need no access to where it is stored)."""
         import ray
 
-        from proco_ray.evaluation.evaluate import restore_model
+        from proco_ray.runs import restore_model
 
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
@@ -134,21 +138,18 @@ def list_images(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """Every image file under a folder or s3:// prefix (recursively), sorted."""
     fs, root = resolve(uri)
     with storage_errors(uri):
-        files = sorted(f.path for f in list_files(fs, root) if f.path.lower().endswith(IMAGE_SUFFIXES))
+        files = sorted(f.path for f in list_files(fs, root) if is_image_file(f.path))
     if not files:
-        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {uri}")
     return fs, files
 
 
-def check_output(uri: str, overwrite: bool) -> tuple[pafs.FileSystem, str, bool]:
-    """Refuse an output holding files unless --overwrite and they are a previous predict's own; returns
-    (filesystem, path, whether earlier predictions are to be replaced once the new ones exist)."""
-    fs, path = resolve(uri)
-
-    def describe(names: set[str]) -> str:
-        return "an earlier predict's predictions" if join(path, MARKER) in names else "files"
-
-    return fs, path, claim_output(fs, path, uri, overwrite, "predict", [MARKER], describe)
+def claim_predict_output(uri: str, overwrite: bool) -> ClaimedOutput:
+    """Refuse an output holding files unless --overwrite and they are a previous predict's own."""
+    marker = join(resolve(uri)[1], output_marker("predict"))
+    return claim_output(
+        uri, overwrite, "predict", lambda names: "an earlier predict's predictions" if marker in names else "files"
+    )
 
 
 def predict(
@@ -167,7 +168,7 @@ def predict(
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
 
-    from proco_ray.evaluation.evaluate import best_checkpoint, read_checkpoint
+    from proco_ray.runs import best_checkpoint, read_checkpoint
 
     checkpoint_uri = best_checkpoint(checkpoint_uri)
     state = read_checkpoint(checkpoint_uri)
@@ -175,7 +176,7 @@ def predict(
     class_names = list(state["class_names"])
     temperature = 1.0
     if calibrated:
-        from proco_ray.evaluation.evaluate import TEMPERATURE_FILE, saved_temperature
+        from proco_ray.runs import TEMPERATURE_FILE, saved_temperature
 
         temperature = saved_temperature(checkpoint_uri)
         if temperature is None:
@@ -199,7 +200,8 @@ def predict(
             ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / 256))),
             len(paths),
         )
-    out_fs, out_path, replace = check_output(output_uri, overwrite)
+    output = claim_predict_output(output_uri, overwrite)
+    out_fs, out_path = output.fs, output.path
     gpus = ray.cluster_resources().get("GPU", 0)
     pool = actors or (int(gpus) if gpus else 1)
     results = (
@@ -222,10 +224,8 @@ def predict(
         raise DataError(f"predicted {table.num_rows} of {count} images from {input_uri}")
     unreadable = table.filter(pc.not_equal(table["error"], "")).select(["path", "error"])
     predictions = table.filter(pc.equal(table["error"], "")).drop_columns(["error"])
+    output.replace_earlier()
     with storage_errors(output_uri):
-        if replace:
-            out_fs.delete_dir_contents(out_path, missing_dir_ok=True)
-        write_bytes(join(output_uri, MARKER), b"written by proco-ray predict; --overwrite may replace this folder\n")
         with out_fs.open_output_stream(join(out_path, PREDICTIONS)) as stream:
             pq.write_table(predictions, stream)
         written = [join(output_uri, PREDICTIONS)]
@@ -248,38 +248,3 @@ def predict(
         "preprocessing": {"image_size": prep.image_size, "encoding": prep.encoding or "none (lossless)"},
         "written": written,
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images, or a prepared dataset with --split")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for predictions.parquet (and unreadable.csv)")
-    parser.add_argument("--split", help="predict this split of the prepared dataset given as --input (default: input is images)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
-    parser.add_argument("--tta", action="store_true", help="average the probabilities over the image and its two flips")
-    parser.add_argument("--csv", action="store_true", help="also write predictions.csv")
-    parser.add_argument(
-        "--calibrated", action="store_true", help="divide the logits by the temperature evaluate --calibrate saved"
-    )
-    parser.add_argument("--actors", type=int, help="model actors (default: one per GPU of the cluster, else 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the predictions of an earlier predict in --output")
-
-
-def run(args: argparse.Namespace) -> int:
-    from proco_ray.launch.cluster import connect_or_start_ray
-
-    connect_or_start_ray()
-    summary = predict(
-        args.checkpoint,
-        args.input,
-        args.output,
-        split=args.split,
-        batch_size=args.batch_size,
-        tta=args.tta,
-        overwrite=args.overwrite,
-        csv=args.csv,
-        actors=args.actors,
-        calibrated=args.calibrated,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0

@@ -12,7 +12,7 @@ import ray
 import ray.data
 
 from proco_ray.config import ConfigError
-from proco_ray.launch.ray_compat import STREAMING_EXECUTOR_LOGGER, find_bootstrap_address, parse_address
+from proco_ray.ray_compat import STREAMING_EXECUTOR_LOGGER, find_bootstrap_address, parse_address
 
 log = logging.getLogger(__name__)
 

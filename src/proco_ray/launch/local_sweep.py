@@ -1,8 +1,8 @@
 """An experiment's grid (variants x seeds) on one machine without Ray: `proco-ray local-sweep`.
 
 Each trial is the per-worker loop (`engine.loop.train_worker`) on a `feeds.local_feed` over the
-prepared dataset (the same shards, checks, row orders and augmentations as the Ray Data
-pipeline), in its own process; `--parallel` trials run at once and share the machine's CPUs
+prepared dataset (the same shards, checks, row orders and stored uint8 images as the Ray Data
+pipeline; the loop makes the views on the trial's device), in its own process; `--parallel` trials run at once and share the machine's CPUs
 and its one GPU. It is for a single GPU machine or a workstation, where a Ray cluster buys
 nothing; `proco-ray tune` runs the same experiment files on a cluster, with ASHA.
 
@@ -15,7 +15,6 @@ Layout of `--out`:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -33,12 +32,10 @@ from proco_ray.experiments.spec import (
     SEED_KEY,
     Experiment,
     check_data,
-    experiment_base,
-    load_experiment,
     trial_config,
     validate,
 )
-from proco_ray.experiments.stats import TrialRecord, group_label
+from proco_ray.experiments.stats import TrialRecord, trial_name
 from proco_ray.method.registry import resolved
 from proco_ray.metric_keys import EPOCH, VAL_MACRO_F1
 
@@ -54,11 +51,6 @@ def grid_trials(experiment: Experiment) -> list[dict[str, Any]]:
         )
     keys = sorted(plan, key=lambda key: key != SEED_KEY)
     return [dict(zip(keys, values)) for values in itertools.product(*(plan[k].values for k in keys))]
-
-
-def trial_name(params: dict[str, Any]) -> str:
-    label = group_label(params).replace(", ", "_").replace("=", "-").replace("/", "-")
-    return f"{label}_seed{params.get(SEED_KEY, 0)}"
 
 
 def _history_path(out: Path, name: str) -> Path:
@@ -200,37 +192,3 @@ def narrow(experiment: Experiment, only: str | None = None, seeds: str | None = 
             raise ConfigError(f"--seeds: no seed {unknown} in experiment '{experiment.name}' (it has {list(experiment.seeds)})")
         experiment = dataclasses.replace(experiment, seeds=tuple(chosen_seeds))
     return experiment
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--experiment",
-        required=True,
-        help="a shipped experiment by name (proco_ray/configs/tune/) or a YAML path (grid of variants x seeds)",
-    )
-    parser.add_argument("--data", required=True, help="prepared dataset URI (sets data.uri)")
-    parser.add_argument("--out", required=True, help="folder for the trials and results/ (rerunning resumes unfinished trials)")
-    parser.add_argument("--config", help="base config, a YAML file or a shipped name (default: the experiment's 'base')")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="DataLoader processes per trial that decode and augment (default 1)"
-    )
-    parser.add_argument("--only", help="comma-separated variants of the experiment to run (default: all)")
-    parser.add_argument("--seeds", help="comma-separated seeds of the experiment to run (default: all)")
-    parser.add_argument("--report-only", action="store_true", help="write results/ from the trials in --out, train nothing")
-    parser.add_argument("--device", default="cpu", help="torch device of every trial, e.g. cuda (default cpu)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config, e.g. optim.epochs=15")
-
-
-def run(args: argparse.Namespace) -> int:
-    experiment = narrow(load_experiment(args.experiment), args.only, args.seeds)
-    _, base = experiment_base(experiment, args.config, list(args.overrides) + [f"data.uri={args.data}"])
-    records = local_sweep(
-        experiment, base, Path(args.out).resolve(), args.parallel, args.device, args.threads, args.workers, args.report_only
-    )
-    print((Path(args.out) / "results" / "results.md").read_text())
-    failed = [r for r in records if r.error and not args.report_only]
-    for record in failed:
-        print(f"failed: {record.trial_id}: {record.error}")
-    return 1 if failed else 0

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from proco_ray.config import Config
 from proco_ray.errors import ProcoError, StorageError
 from proco_ray.processes import process_runs
+from proco_ray.runs import RunFolder
 from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 CLAIM_FILE = ".proco-ray-run.json"
@@ -61,10 +62,6 @@ class Claim:
             return not process_runs(self.pid)
         timeout = float(os.environ.get("PROCO_RUN_CLAIM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         return (now or time.time()) - self.refreshed > timeout
-
-
-def run_uri(config: Config) -> str:
-    return join(config.train.storage_path, config.train.name)
 
 
 def read_claim(uri: str) -> Claim | None:
@@ -140,7 +137,7 @@ def release(uri: str, claim: Claim) -> None:
 @contextlib.contextmanager
 def claimed(config: Config) -> Iterator[Claim]:
     """Hold the run folder of `config` for the duration of the block, refreshing the claim in the background."""
-    uri = run_uri(config)
+    uri = RunFolder.of_config(config).uri
     claim = acquire(uri)
     stop = threading.Event()
 
@@ -166,7 +163,7 @@ def storage_gone(config: Config) -> StorageError | None:
     """For a run that failed: a one-line StorageError when its s3:// storage no longer answers, else None."""
     if not is_s3(config.train.storage_path):
         return None
-    uri = run_uri(config)
+    uri = RunFolder.of_config(config).uri
     try:
         filesystem, path = resolve(uri)
         with storage_errors(uri):

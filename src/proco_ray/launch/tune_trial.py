@@ -21,7 +21,8 @@ from ray.train import UserCallback
 
 from proco_ray.config import Config
 from proco_ray.experiments.spec import trial_config
-from proco_ray.launch.trainer import FeedFactory, build_trainer, fit_and_tidy, save_resolved_config
+from proco_ray.launch.train_worker import FeedFactory
+from proco_ray.launch.trainer import build_trainer, fit_and_tidy, save_resolved_config
 from proco_ray.metric_keys import EPOCH
 from proco_ray.storage.s3 import join
 

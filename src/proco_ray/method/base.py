@@ -2,8 +2,9 @@
 
 A method owns its loss and any state that must travel with a checkpoint (ProCo's
 queue and recalibration weights), builds the network it trains, and says in
-which stages it trains (the CL baselines train in two). The training loop only
-calls `training_loss` and knows nothing of the maths.
+which stages it trains (the CL baselines train in two). The training loop calls the
+hooks below (`build_model`, `trainable_parameters`, `enter_stage`, `reseed`,
+`training_loss`, `predict`, `state_scalars`) and knows nothing of the maths.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from proco_ray.config import AUTO, CLASS_BALANCED, INSTANCE_BALANCED, MethodConfig, ModelConfig
+from proco_ray.config import AUTO, INSTANCE_BALANCED, MethodConfig, ModelConfig
 from proco_ray.data.train_input import TrainInput
 from proco_ray.method.losses import logit_adjustments
 from proco_ray.method.networks import Classifier
@@ -44,12 +45,8 @@ class Stage:
     input: TrainInput
 
     @property
-    def resample(self) -> bool:
-        return self.input.resample
-
-    @property
     def sampling(self) -> str:
-        return CLASS_BALANCED if self.resample else INSTANCE_BALANCED
+        return self.input.sampling
 
 
 @dataclass
@@ -112,7 +109,7 @@ class Method(nn.Module):
     @classmethod
     def own_stages(cls, cfg: MethodConfig, epochs: int, choices: Choices) -> list[Stage]:
         """The stages with the method's own sampling and augmentation (registry.stages_for applies the settings)."""
-        return [Stage("main", epochs, TrainInput(choices.sampling == CLASS_BALANCED, choices.augmentation, cls.views))]
+        return [Stage("main", epochs, TrainInput(choices.sampling, choices.augmentation, cls.views))]
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:
         return (p for p in unwrap(model).parameters() if p.requires_grad)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proco_ray.config import CLASS_BALANCED, MethodConfig
+from proco_ray.config import CLASS_BALANCED, INSTANCE_BALANCED, MethodConfig
 from proco_ray.data.sources import HAM10000_LOCATIONS
 from proco_ray.data.train_input import TrainInput
 from proco_ray.method.base import Batch, Choices, LossOutput, Method, Stage, unwrap
@@ -135,8 +135,8 @@ class SupConLinear(Method):
             raise ValueError(f"method '{cfg.name}' trains in two stages and needs optim.epochs >= 2, got {epochs}")
         pretrain = min(max(1, round(cfg.pretrain_fraction * epochs)), epochs - 1)
         return [
-            Stage("pretrain", pretrain, TrainInput(False, "moco_v2", 2)),
-            Stage("linear", epochs - pretrain, TrainInput(choices.sampling == CLASS_BALANCED, choices.augmentation, 1)),
+            Stage("pretrain", pretrain, TrainInput(INSTANCE_BALANCED, "moco_v2", 2)),
+            Stage("linear", epochs - pretrain, TrainInput(choices.sampling, choices.augmentation, 1)),
         ]
 
     def trainable_parameters(self, model: nn.Module, stage: Stage) -> Iterator[nn.Parameter]:

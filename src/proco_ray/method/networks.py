@@ -13,7 +13,7 @@ import torchvision
 from torch import Tensor, nn
 
 from proco_ray.config import ModelConfig
-from proco_ray.engine.distributed import batch_shuffle, batch_unshuffle
+from proco_ray.distributed import batch_shuffle, batch_unshuffle
 from proco_ray.errors import ProcoError
 
 

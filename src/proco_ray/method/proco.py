@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proco_ray import distributed
 from proco_ray.config import CLASS_BALANCED
-from proco_ray.engine import distributed
 from proco_ray.method.base import Batch, LossOutput, Method, Stage
 from proco_ray.method.losses import (
     PrototypeRecalibration,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from proco_ray.engine.distributed import all_gather_cat
+from proco_ray.distributed import all_gather_cat
 
 
 class SampleQueue(nn.Module):

@@ -12,9 +12,9 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from proco_ray import distributed
 from proco_ray.config import (
     AUTO,
-    CLASS_BALANCED,
     Augmentation,
     Config,
     ConfigError,
@@ -26,7 +26,6 @@ from proco_ray.config import (
     stage_value,
 )
 from proco_ray.data.train_input import TrainInput
-from proco_ray.engine import distributed
 from proco_ray.method.base import Choices, Method, Stage
 
 
@@ -81,7 +80,7 @@ def stages_for(cfg: MethodConfig, epochs: int, augmentation: str = AUTO) -> list
                 f"{', '.join(switchable)} only (the others name their sampling: ce / ce_resample, cl / cl_resample)"
             )
         chosen = stage_value(augmentation, stage.name, "data.augmentation") or stage.input.augmentation
-        reads = TrainInput(sampling == CLASS_BALANCED, chosen, stage.input.views)
+        reads = TrainInput(sampling, chosen, stage.input.views)
         stages.append(dataclasses.replace(stage, input=reads))
     return stages
 

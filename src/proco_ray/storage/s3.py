@@ -175,26 +175,54 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
 
-def claim_output(
-    fs: pafs.FileSystem,
-    path: str,
-    uri: str,
-    overwrite: bool,
-    command: str,
-    marks: Sequence[str],
-    describe: Callable[[set[str]], str],
-) -> bool:
-    """Reach an output (creating a missing bucket) and refuse one that holds files unless --overwrite and one
-    of `marks` (names of files only `command` writes) is among them, so --overwrite never
-    deletes what `command` did not write. `describe(names)` says what the files are.
+@dataclass(frozen=True)
+class ClaimedOutput:
+    """An output folder a command may write: empty, or (with --overwrite) holding an earlier output of that command.
 
-    Returns whether there is something to clear.
+    The command computes everything first and calls `replace_earlier` just before it writes, so a failure on
+    the way leaves an earlier output as it was.
     """
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+    command: str
+    occupied: bool
+
+    def replace_earlier(self, delete_first: str | None = None) -> None:
+        """Delete an earlier output (`delete_first`, e.g. prepare's manifest, before the rest, so an interrupted
+        clear never leaves it over a partial folder), then mark the folder as this command's own."""
+        with storage_errors(self.uri):
+            if self.occupied:
+                if delete_first and self.fs.get_file_info(join(self.path, delete_first)).type == pafs.FileType.File:
+                    self.fs.delete_file(join(self.path, delete_first))
+                self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+        write_bytes(
+            join(self.uri, output_marker(self.command)),
+            f"written by proco-ray {self.command}; --overwrite may replace this folder\n".encode(),
+        )
+
+
+def output_marker(command: str) -> str:
+    """The file that marks a folder as `command`'s output: --overwrite replaces only such a folder."""
+    return f".proco-ray-{command}"
+
+
+def claim_output(
+    uri: str, overwrite: bool, command: str, describe: Callable[[set[str]], str], also_own: Sequence[str] = ()
+) -> ClaimedOutput:
+    """Reach an output (creating a missing bucket) and refuse one that holds files unless --overwrite and
+    `command`'s marker (or a name in `also_own`, files only `command` writes) is among them, so --overwrite
+    never deletes what `command` did not write. `describe(names)` says what the files are.
+    """
+    fs, path = resolve(uri)
+    marks = [output_marker(command), *also_own]
     with storage_errors(uri):
         ensure_bucket(fs, path)
         existing = list_files(fs, path)
+    claimed = ClaimedOutput(uri, fs, path, command, occupied=bool(existing))
     if not existing:
-        return False
+        return claimed
     names = {f.path for f in existing}
     if not overwrite:
         raise DataError(f"output {uri} already holds {describe(names)} ({len(existing)} files); pass --overwrite to replace it")
@@ -204,7 +232,7 @@ def claim_output(
             f"{' or '.join(marks)}); --overwrite only replaces a previous {command}'s "
             f"output, so choose a new or empty output"
         )
-    return True
+    return claimed
 
 
 def read_bytes(uri: str) -> bytes | None:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -373,50 +372,3 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["start", "stop", "status", "env"])
-    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state and data directory (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="S3 port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket created at start (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for S3 to answer at start")
-
-
-def _export_lines(endpoint: S3Endpoint) -> str:
-    return "\n".join(f"export {key}={value}" for key, value in endpoint.env().items())
-
-
-def run(args: argparse.Namespace) -> int:
-    server = LocalS3Server(args.dir, args.port, bucket=args.bucket, startup_timeout=args.timeout)
-    if args.action == "start":
-        was_running = server.running()
-        try:
-            endpoint = server.start()
-        except StorageError as error:
-            print(f"proco-ray storage: {error}", file=sys.stderr)
-            return 1
-        state = "already running" if was_running else "started"
-        print(f"S3 server {state} at {endpoint.endpoint} (data in {server.data_dir}, log {server.log_file})")
-        print(f'bucket: s3://{endpoint.bucket}   set the client variables with:  eval "$(proco-ray storage env)"')
-        return 0
-    if args.action == "stop":
-        print("stopped" if server.stop() else "not running")
-        return 0
-    endpoint = server.endpoint()
-    if args.action == "status":
-        if server.running() and endpoint is not None:
-            print(f"running at {endpoint.endpoint}, pid {server._pid()}, data in {server.data_dir}")
-            return 0
-        print(f"not running (data dir {server.data_dir})")
-        return 3
-    if endpoint is None:
-        print(f"proco-ray storage: no server was ever started in {server.data_dir}", file=sys.stderr)
-        return 1
-    if not server.running():
-        print(f"# warning: the server in {server.data_dir} is not running", file=sys.stderr)
-    print(_export_lines(endpoint))
-    return 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proco_ray.config import ProtoForm
-from proco_ray.engine.distributed import all_reduce_sum
+from proco_ray.distributed import all_reduce_sum
 from proco_ray.method.losses.checks import check_labels
 
 

@@ -1,4 +1,4 @@
-"""The main job on embedded defaults, end to end on one machine.
+"""`proco-ray demo`: the main job on embedded defaults, end to end on one machine.
 
 Local S3 (SeaweedFS) up -> prepare a long-tailed dataset into it -> ProCo on a
 local Ray with 2 CPU workers (TorchTrainer, Ray Data) -> evaluate the best
@@ -23,8 +23,10 @@ from proco_ray.inference.export import export
 from proco_ray.inference.predict import predict
 from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.launch.run_claim import claimed
-from proco_ray.launch.trainer import fit_or_explain, summarise, write_run_file
+from proco_ray.launch.trainer import fit_or_explain, summarise
 from proco_ray.method.registry import resolved
+from proco_ray.metric_keys import HEADLINE
+from proco_ray.runs import SUMMARY_FILE, RunFolder
 from proco_ray.storage.seaweedfs import DEFAULT_DIR, LocalS3Server
 
 
@@ -69,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
         )
         with claimed(config):
             summary = summarise(fit_or_explain(config), config)
-        summary_file = write_run_file(config, "summary.json", json.dumps(summary, indent=2, default=str).encode())
+        summary_file = RunFolder.of_config(config).write_file(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode())
         print(f"[4/5] evaluating {summary['best_checkpoint']} on the test split", flush=True)
         metrics = evaluate_checkpoint(summary["best_checkpoint"], data_uri, config.data.test_split)
         out = str(Path(summary["run"]) / "evaluation")
-        write_evaluation(metrics, out, "test split", claim_evaluation_output(out, overwrite=True))
+        write_evaluation(metrics, claim_evaluation_output(out, overwrite=True), "test split")
         print(markdown_table(per_class_rows(metrics)))
-        headline = {k: round(metrics[k], 4) for k in ("accuracy", "macro_f1", "balanced_accuracy")}
+        headline = {k: round(metrics[k], 4) for k in HEADLINE}
         print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
         predictions = Path(summary["run"]) / "predictions"
         predicted = predict(summary["best_checkpoint"], source, str(predictions), overwrite=True, csv=True)
