@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "proco_ray"
 
 # Bottom to top; a name is a top-level module or sub-package of proco_ray.
 LAYERS = [
-    {"errors", "processes", "metric_keys", "config", "metrics", "ray_compat"},
+    {"errors", "processes", "metric_keys", "config", "metrics", "progress", "ray_compat"},
     {"storage"},
     {"data"},
     {"distributed"},

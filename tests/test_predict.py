@@ -15,6 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from terminal import RAY_NOISE, run_in_terminal, screen_lines
 
 from proco_ray.cli import main
 from proco_ray.config import load_config
@@ -273,3 +274,15 @@ def test_export_refuses_an_occupied_output_and_replaces_only_its_own(trained, tm
     assert "did not write" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "no checkpoint.pt" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_in_a_terminal_predict_draws_a_bar_and_ends_with_a_short_summary(trained, tmp_path):
+    """Issue 39: Ray's deprecation and core_worker lines, then a JSON dump."""
+    args = ["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(trained["images"])]
+    status, output = run_in_terminal([*args, "--output", str(tmp_path / "p")], timeout=180)
+    lines = screen_lines(output)
+    assert status == 0, output
+    assert any("predicting" in line and "100%" in line and "23/23" in line for line in lines), output
+    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], output
+    assert len(lines) <= 40 and lines[-1].startswith(f"wrote {tmp_path / 'p' / 'predictions.parquet'}"), output
+    assert f"predicted 22 images of {trained['images']}; 1 unreadable" in lines, output

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from terminal import RAY_NOISE, run_in_terminal, screen_lines
 
 from proco_ray.cli import main
 from proco_ray.config import INSTANCE_BALANCED
@@ -299,3 +300,19 @@ def test_isic_body_sites_reach_the_shards_the_batches_and_mtl(tmp_path, datagen,
     prepare(npz, str(tmp_path / "retina"), PrepareOptions(image_size=16))
     with pytest.raises(ConfigError, match="method mtl needs the body site"):
         check_manifest(load_config(None, ["method.name=mtl"]), read_manifest(str(tmp_path / "retina")))
+
+
+def test_in_a_terminal_prepare_draws_a_bar_and_ends_with_a_short_summary(tmp_path, datagen):
+    """Issue 39: minutes of silence behind Ray's warnings, then a 35-line JSON dump."""
+    source = datagen.imagefolder(tmp_path / "folder", {"common": 40, "rare": 12, "scarce": 8})
+    status, output = run_in_terminal(["prepare", str(source), str(tmp_path / "out"), "--image-size", "16"], timeout=180)
+    lines = screen_lines(output)
+    assert status == 0, output
+    assert any("encoding images" in line and "100%" in line and "60/60" in line for line in lines), output
+    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], output
+    assert len(lines) <= 40 and [line for line in lines if line.startswith("prepared 60 images into 3 shards")], output
+    assert lines[-1].startswith(f"dataset: {tmp_path / 'out'}") and "| train | 37 |" in output, output
+    json_status, json_output = run_in_terminal(
+        ["prepare", str(source), str(tmp_path / "out"), "--image-size", "16", "--overwrite", "--json"], timeout=180
+    )
+    assert json_status == 0 and '"counts"' in json_output and '"shards"' in json_output, json_output

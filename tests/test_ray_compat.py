@@ -175,6 +175,23 @@ def test_the_execution_finished_line_comes_from_the_streaming_executors_logger()
     assert re.match(DROPPED_LINES[name], line), f"cluster.DROPPED_LINES[{name!r}] does not match Ray Data's line {line!r}"
 
 
+def test_the_progress_bars_off_notice_is_logged_once_under_the_key_ray_compat_takes():
+    progress = import_internal("ray.data._internal.progress", "ray_compat.PROGRESS_BARS_OFF_NOTICE")
+    source = inspect.getsource(progress.get_progress_manager)
+    assert f'log_once("{ray_compat.PROGRESS_BARS_OFF_NOTICE}")' in source and "Progress bars disabled" in source, (
+        "Ray Data no longer guards its 'Progress bars disabled' warning with log_once"
+        f"({ray_compat.PROGRESS_BARS_OFF_NOTICE!r}): ray_compat.skip_progress_bars_off_notice takes that key to keep it quiet"
+    )
+
+
+def test_data_sink_lines_come_from_the_dataset_logger_that_dropped_lines_filters():
+    dataset = import_internal("ray.data.dataset", "cluster.DROPPED_LINES")
+    assert dataset.logger.name == "ray.data.dataset" and '"Data sink %s finished. %d rows and %s data written."' in (
+        inspect.getsource(dataset)
+    ), "Ray Data's 'Data sink ... finished' line moved: cluster.DROPPED_LINES filters it on the ray.data.dataset logger"
+    assert re.match(DROPPED_LINES["ray.data.dataset"], "Data sink Parquet finished. 1512 rows and 1.2MB data written.")
+
+
 def test_the_report_line_comes_from_a_logger_named_by_the_train_context_file():
     assert importlib.util.find_spec(CONTEXT_MODULE) is not None, (
         f"Ray has no module {CONTEXT_MODULE}: train_worker.quiet_report_lines names the logger of Ray Train's "

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from proco_ray.errors import ProcoError
+from proco_ray.progress import VERBOSE
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("proco_ray.commands.demo", "run the main job end to end on embedded defaults"),
@@ -57,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"proco-ray {command}", description=help_)
     module.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help=f"show Ray's own logging and progress bars (also: {VERBOSE}=1)")
     args = parser.parse_args(argv[1:])
+    if args.verbose:
+        os.environ[VERBOSE] = "1"  # read by quiet_ray_process here and in the workers of a local Ray
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

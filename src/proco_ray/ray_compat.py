@@ -89,6 +89,29 @@ def parse_address(address: str) -> tuple[str, str] | None:
     return _parse_address(address)
 
 
+# --------------------------------------------------------------------------- the local cluster's authentication
+
+RAY_AUTH_MODE = "RAY_AUTH_MODE"  # token or disabled; read by ray.init when it starts a local cluster
+
+
+def choose_token_authentication() -> None:
+    """Token authentication for the local Ray this process starts, chosen explicitly where RAY_AUTH_MODE is unset.
+
+    It is Ray 2.60's default for a new local cluster, which Ray announces with a warning on every start unless
+    RAY_AUTH_MODE says it. Ray caches its config when it is imported, so setting the variable is not enough: this
+    calls what Ray itself calls when it turns the default on
+    (`ray._private.authentication.authentication_token_setup._enable_token_auth`: the variable, then its cached
+    config refreshed). If it goes: the local Ray is started with token authentication but this process sends no
+    token and ray.init fails (tests/test_ray_compat.py checks it is there).
+    """
+    import os
+
+    if os.environ.get(RAY_AUTH_MODE) is None:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+
+
 # --------------------------------------------------------------------------- loggers of lines kept off the screen
 
 # The logger of Ray Data's "Dataset ... execution finished in N seconds" after every pass over a split
@@ -104,6 +127,20 @@ def train_report_logger_name() -> str | None:
     except ImportError:
         return None
     return context.__file__
+
+
+# The `log_once` key of Ray Data's "Progress bars disabled. To enable, set ..." warning, printed once per process
+# when an execution starts with enable_progress_bars off (`ray.data._internal.progress.get_progress_manager`). This
+# project turns them off on purpose (proco_ray.progress draws its own) and takes the key first. If renamed: the
+# warning shows once per process again.
+PROGRESS_BARS_OFF_NOTICE = "ray_data_progress_manager_disabled"
+
+
+def skip_progress_bars_off_notice() -> None:
+    """Take Ray Data's once-per-process "Progress bars disabled" warning, so it never prints in this process."""
+    from ray.util.debug import log_once
+
+    log_once(PROGRESS_BARS_OFF_NOTICE)
 
 
 # --------------------------------------------------------------------------- Tune's HParams table

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         connect_or_start_ray(min_cpus=config.run_resources()["CPU"], join_existing=False)
         data_uri = f"s3://{endpoint.bucket}/demo/{Path(source).name}-{config.data.image_size}px"
         manifest = prepare(source, data_uri, PrepareOptions(image_size=config.data.image_size, overwrite=True))
-        print(f"[2/5] prepared {source} into {data_uri}: {manifest['counts']}", flush=True)
+        split_sizes = ", ".join(f"{split} {sum(per_class.values())}" for split, per_class in manifest["counts"].items())
+        print(f"[2/5] prepared {source} into {data_uri} ({split_sizes} images)", flush=True)
         config.data.uri = data_uri
         config.data.num_classes = len(manifest["classes"])
         print(
@@ -77,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
         out = str(Path(summary["run"]) / "evaluation")
         write_evaluation(metrics, claim_evaluation_output(out, overwrite=True), "test split")
         print(markdown_table(per_class_rows(metrics)))
-        headline = {k: round(metrics[k], 4) for k in HEADLINE}
-        print(json.dumps({"test": headline, **{k: v for k, v in summary.items() if k != "metrics"}}, indent=2, default=str))
+        print("test split: " + ", ".join(f"{name} {metrics[name]:.4f}" for name in HEADLINE))
         predictions = Path(summary["run"]) / "predictions"
         predicted = predict(summary["best_checkpoint"], source, str(predictions), overwrite=True, csv=True)
         exported = export(summary["best_checkpoint"], str(Path(summary["run"]) / "exported"), overwrite=True)

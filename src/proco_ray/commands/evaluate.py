@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from proco_ray.commands import CHECKPOINT_HELP
 from proco_ray.evaluation.evaluate import claim_evaluation_output, evaluate_checkpoint, write_evaluation
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fit temperature scaling on SPLIT (default val), report ECE after it and save it beside the checkpoint "
         f"({TEMPERATURE_FILE}, used by predict --calibrated)",
     )
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     written = write_evaluation(metrics, output, f"{args.split} split")
     if args.calibrate:
         written.append(save_temperature(metrics["checkpoint"], metrics["temperature"], f"{args.data} {args.calibrate}"))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
     print(f"checkpoint: {metrics['checkpoint']} (epoch {metrics['epoch']})")
     print(markdown_table(per_class_rows(metrics)))
     headline = [*HEADLINE, "macro_roc_auc", "ece", "temperature", "ece_calibrated"]

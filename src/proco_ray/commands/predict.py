@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--actors", type=int, help="model actors (default: one per GPU of the cluster, else 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace the predictions of an earlier predict in --output")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +40,10 @@ def run(args: argparse.Namespace) -> int:
         actors=args.actors,
         calibrated=args.calibrated,
     )
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"predicted {summary['predicted']} images of {args.input}; {summary['unreadable']} unreadable")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print("wrote " + ", ".join(summary["written"]))
     return 0

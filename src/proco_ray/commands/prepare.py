@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
+from proco_ray.data.manifest import MANIFEST
 from proco_ray.data.prepare import AUTO, ENCODINGS, RAW_UP_TO, PrepareOptions, prepare
 from proco_ray.data.sources import KINDS
 from proco_ray.data.splits import MODES
+from proco_ray.evaluation.report import markdown_table
 from proco_ray.launch.cluster import connect_or_start_ray
+from proco_ray.storage.s3 import join
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-mb", type=float, default=defaults.shard_mb, help="target shard size in MiB (default: %(default)s)"
     )
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
     )
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     connect_or_start_ray()
+    started = time.monotonic()
     manifest = prepare(args.source, args.output, options, kind=args.kind, groups=args.groups, classes=classes)
-    print(json.dumps({"output": args.output, "counts": manifest["counts"], "shards": len(manifest["shards"])}, indent=2))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    counts = manifest["counts"]
+    total = sum(sum(per_class.values()) for per_class in counts.values())
+    print(f"prepared {total} images into {len(manifest['shards'])} shards in {time.monotonic() - started:.0f} s")
+    if manifest["skipped"]:
+        print(f"left out {len(manifest['skipped'])} corrupt image(s), listed in manifest.json")
+    print(markdown_table([{"split": split, "images": sum(c.values()), **c} for split, c in counts.items()]), end="")
+    print(f"dataset: {args.output} (manifest: {join(args.output, MANIFEST)})")
     return 0

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import io
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest
 from proco_ray.data.sources import Source, listing, read_source
 from proco_ray.data.splits import make_split, split_counts
 from proco_ray.errors import DataError, image_problem
+from proco_ray.progress import progress
 from proco_ray.storage.s3 import ClaimedOutput, claim_output, is_s3, join, list_files, resolve, storage_errors
 
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG", RAW: None}  # raw: the uint8 pixels, nothing to decode when training
@@ -195,19 +195,22 @@ def _input_dataset(source: Source, splits: Sequence[str], seed: int):
 
 
 def encode_all(source: Source, splits: Sequence[str], options: PrepareOptions):
-    """Every image read, resized and encoded by Ray Data workers, held in the object store until written."""
-    return (
-        _input_dataset(source, splits, options.seed)
-        .map_batches(
-            encode_batch,
-            batch_size=64,
-            batch_format="numpy",
-            fn_kwargs=dict(
-                filesystem=source.filesystem, size=options.image_size, encoding=options.encoding, quality=options.quality
-            ),
-        )
-        .materialize()
+    """Every image read, resized and encoded by Ray Data workers, held in the object store until written; a
+    progress bar counts the images as their blocks complete."""
+    import ray
+
+    encoded = _input_dataset(source, splits, options.seed).map_batches(
+        encode_batch,
+        batch_size=64,
+        batch_format="numpy",
+        fn_kwargs=dict(filesystem=source.filesystem, size=options.image_size, encoding=options.encoding, quality=options.quality),
     )
+    blocks = []
+    with progress("encoding images", len(source.records)) as shown:
+        for bundle in encoded.iter_internal_ref_bundles():
+            blocks += bundle.block_refs
+            shown.update(bundle.num_rows())
+    return ray.data.from_arrow_refs(blocks)
 
 
 def failures(processed) -> list[dict[str, str]]:
@@ -302,7 +305,6 @@ def prepare(
     options = replace(options, encoding=resolve_encoding(options.encoding, options.image_size))
     if options.image_size < 8:
         raise DataError(f"--image-size {options.image_size} is too small (at least 8)")
-    started = time.time()
     check_disjoint(output_uri, resolve(output_uri)[1], source_uri, groups)
     output = claim_prepare_output(output_uri, options.overwrite)
     source = read_source(source_uri, kind, groups=groups, classes=classes)
@@ -346,9 +348,4 @@ def prepare(
             shards += entries
         manifest = build_manifest(source, output_uri, options, counts, group_ids is not None, failed, shards)
         write_manifest(output_uri, manifest)
-    print(
-        f"prepared {len(kept)} images ({', '.join(f'{s} {sum(c.values())}' for s, c in counts.items())}) "
-        f"into {len(shards)} shards at {output_uri} in {time.time() - started:.1f} s",
-        file=sys.stderr,
-    )
     return manifest.to_dict()

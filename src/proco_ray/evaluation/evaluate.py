@@ -23,13 +23,14 @@ from proco_ray.metrics import (
     reliability_bins,
     roc_auc_one_vs_rest,
 )
+from proco_ray.progress import Progress, progress
 from proco_ray.runs import best_checkpoint, read_checkpoint, restore_model
 from proco_ray.storage.s3 import ClaimedOutput, claim_output, join, output_marker, resolve, write_bytes
 
 
 @torch.no_grad()
 def split_logits(
-    model: torch.nn.Module, method: Any, dataset: Any, device: torch.device, batch_size: int, image_size: int
+    model: torch.nn.Module, method: Any, dataset: Any, device: torch.device, batch_size: int, image_size: int, shown: Progress
 ) -> tuple[np.ndarray, np.ndarray]:
     """The method's test-time logits (of the evaluation view) and the labels of every image of a split."""
     model.eval()
@@ -37,6 +38,7 @@ def split_logits(
     for batch in dataset.iter_torch_batches(batch_size=batch_size, device=device):
         logits.append(method.predict(model, eval_view(batch["image"], image_size)).float().cpu())
         labels.append(batch["label"].cpu())
+        shown.update(len(labels[-1]))
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -78,7 +80,8 @@ def evaluate_checkpoint(
 
     def logits_of(name: str) -> tuple[np.ndarray, np.ndarray]:
         dataset = build_dataset(data_uri, name, train=False)
-        return split_logits(model, method, dataset, device, batch_size, image_size)
+        with progress(f"evaluating the {name} split", manifest.num_rows(name)) as shown:
+            return split_logits(model, method, dataset, device, batch_size, image_size, shown)
 
     logits, labels = logits_of(split)
     metrics = metrics_from_confusion(confusion_matrix(labels, logits.argmax(axis=1), manifest.num_classes), manifest.classes)

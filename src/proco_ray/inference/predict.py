@@ -10,6 +10,7 @@ unreadable.csv with the reason and do not stop the run.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from proco_ray.data.pipeline import load_split
 from proco_ray.data.prepare import reencode
 from proco_ray.data.sources import IMAGE_EXTENSIONS, is_image_file
 from proco_ray.errors import DataError, image_problem
+from proco_ray.progress import progress
 from proco_ray.storage.s3 import (
     ClaimedOutput,
     claim_output,
@@ -167,6 +169,9 @@ def predict(
 ) -> dict[str, Any]:
     """Predict every image of `input_uri` (a folder or prefix of images, or a prepared dataset's `split`)."""
     import ray
+    from ray.data import ActorPoolStrategy
+    from ray.data.block import BlockAccessor
+    from ray.util.annotations import RayDeprecationWarning
 
     from proco_ray.runs import best_checkpoint, read_checkpoint
 
@@ -204,22 +209,31 @@ def predict(
     out_fs, out_path = output.fs, output.path
     gpus = ray.cluster_resources().get("GPU", 0)
     pool = actors or (int(gpus) if gpus else 1)
-    results = (
-        source.map_batches(
+    with warnings.catch_warnings():
+        # Ray 2.60 sets an actor pool's restart policy only through `ray_remote_args`, which it calls deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        predicted = source.map_batches(
             preprocess_batch, batch_size=batch_size, fn_kwargs=dict(filesystem=fs, prep=prep, stored_encoding=stored_encoding)
-        )
-        .map_batches(
+        ).map_batches(
             Predictor,
             fn_constructor_kwargs=dict(
                 state=ray.put({k: state[k] for k in ("config", "class_names", "model")}), tta=tta, temperature=temperature
             ),
             batch_size=batch_size,
-            concurrency=pool,
+            compute=ActorPoolStrategy(size=pool),
             num_gpus=1 if gpus else 0,
+            # Ray Data restarts its actors forever by default, and each (re)start reads its constructor arguments
+            # (the weights) from the object store, which Ray cannot rebuild: Ray warns of it on every run. Predict
+            # writes nothing until every image is done, so a lost predictor fails the prediction with its error
+            # and the same command reruns it.
+            max_restarts=0,
         )
-        .to_arrow_refs()
-    )
-    table = pa.concat_tables(ray.get(results)).sort_by("path")
+    results = []
+    with progress("predicting", count) as shown:
+        for bundle in predicted.iter_internal_ref_bundles():
+            results += bundle.block_refs
+            shown.update(bundle.num_rows())
+    table = pa.concat_tables([BlockAccessor.for_block(block).to_arrow() for block in ray.get(results)]).sort_by("path")
     if table.num_rows != count:
         raise DataError(f"predicted {table.num_rows} of {count} images from {input_uri}")
     unreadable = table.filter(pc.not_equal(table["error"], "")).select(["path", "error"])

@@ -12,7 +12,14 @@ import ray
 import ray.data
 
 from proco_ray.config import ConfigError
-from proco_ray.ray_compat import STREAMING_EXECUTOR_LOGGER, find_bootstrap_address, parse_address
+from proco_ray.progress import VERBOSE
+from proco_ray.ray_compat import (
+    STREAMING_EXECUTOR_LOGGER,
+    choose_token_authentication,
+    find_bootstrap_address,
+    parse_address,
+    skip_progress_bars_off_notice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +60,11 @@ def cluster_address(temp_dir: str | None = None) -> str | None:
 
 # Lines Ray prints on every local run that say nothing to a user of this project, by the logger that prints
 # them: Ray Data's "no available CPUs, the Dataset job will hang" (the run holds its workers' CPUs by design and
-# keeps one for Ray Data, so nothing hangs) and its "Dataset ... execution finished in N seconds" after every
+# keeps one for Ray Data, so nothing hangs), its "Data sink Parquet finished. N rows written" after each shard
+# write of prepare (the command sums them up), and its "Dataset ... execution finished in N seconds" after every
 # pass over a split (each epoch, in every worker); and Ray Train's own use of a deprecated Ray Data option.
 DROPPED_LINES = {
-    "ray.data.dataset": r"Warning: The Ray cluster currently does not have any available CPUs",
+    "ray.data.dataset": r"Warning: The Ray cluster currently does not have any available CPUs|Data sink \S+ finished\.",
     STREAMING_EXECUTOR_LOGGER: r"\S+\s+Dataset \S+ execution finished in ",
 }
 EXCLUDE_RESOURCES_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
@@ -73,13 +81,20 @@ class _DropLines(logging.Filter):
 
 def quiet_ray_process() -> None:
     """Keep Ray's meaningless lines (above) off the screen, in this process; the local Ray runs it in every
-    worker as its `worker_process_setup_hook`."""
+    worker as its `worker_process_setup_hook`. Ray Data's progress bars are off (`proco_ray.progress` draws one
+    bar per pass a user waits for) and so is its notice that they are. `--verbose` (PROCO_RAY_VERBOSE=1) keeps all."""
     import warnings
+
+    if os.environ.get(VERBOSE) == "1":
+        return
 
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
-    ray.data.DataContext.get_current().print_on_execution_start = False  # "Starting execution of Dataset ..." and its plan
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False  # "Starting execution of Dataset ..." and its plan
+    context.enable_progress_bars = False
+    skip_progress_bars_off_notice()
     for name, pattern in DROPPED_LINES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLines) for f in logger.filters):
@@ -120,6 +135,7 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
     # Ray Train's PreemptionWatcher follows the draining of spot nodes, which a local Ray never has; it only
     # printed a core_worker error line about its own restart policy on every run.
     os.environ.setdefault(PREEMPTION_WATCHER, "0")
+    choose_token_authentication()  # Ray's default, without its warning (the token: ~/.ray/auth_token)
     ray.init(
         address="local",
         num_cpus=local_cpus(min_cpus),

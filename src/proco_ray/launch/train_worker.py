@@ -23,7 +23,7 @@ from proco_ray.data.train_input import TrainInput
 from proco_ray.engine.feeds import DataFeed
 from proco_ray.engine.loop import WorkerEnv, train_worker
 from proco_ray.method.base import Batch
-from proco_ray.ray_compat import train_report_logger_name
+from proco_ray.ray_compat import skip_progress_bars_off_notice, train_report_logger_name
 from proco_ray.runs import TENSORBOARD_DIR, RunFolder
 from proco_ray.storage.s3 import is_s3
 
@@ -91,6 +91,7 @@ def quiet_report_lines() -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The TorchTrainer entry point on every worker."""
     quiet_report_lines()
+    skip_progress_bars_off_notice()  # the datasets' bars are off (trainer.quiet_dataset): the loop prints its progress
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
