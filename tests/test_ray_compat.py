@@ -175,6 +175,18 @@ def test_the_execution_finished_line_comes_from_the_streaming_executors_logger()
     assert re.match(DROPPED_LINES[name], line), f"cluster.DROPPED_LINES[{name!r}] does not match Ray Data's line {line!r}"
 
 
+def test_token_authentication_is_chosen_the_way_ray_turns_its_default_on():
+    setup = import_internal("ray._private.authentication.authentication_token_setup", "ray_compat.choose_token_authentication")
+    assert callable(getattr(setup, "_enable_token_auth", None)), (
+        "Ray has no _enable_token_auth: ray_compat.choose_token_authentication calls it so that this process sends "
+        "the token of the local Ray it starts"
+    )
+    default = inspect.getsource(setup.enable_token_auth_by_default)
+    assert "_enable_token_auth()" in default and "_warn_token_auth_enabled()" in default, (
+        "Ray turns token authentication on by default differently now: check ray_compat.choose_token_authentication"
+    )
+
+
 def test_the_progress_bars_off_notice_is_logged_once_under_the_key_ray_compat_takes():
     progress = import_internal("ray.data._internal.progress", "ray_compat.PROGRESS_BARS_OFF_NOTICE")
     source = inspect.getsource(progress.get_progress_manager)
