@@ -312,7 +312,10 @@ def test_in_a_terminal_prepare_draws_a_bar_and_ends_with_a_short_summary(tmp_pat
     assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], output
     assert len(lines) <= 40 and [line for line in lines if line.startswith("prepared 60 images into 3 shards")], output
     assert lines[-1].startswith(f"dataset: {tmp_path / 'out'}") and "| train | 37 |" in output, output
-    json_status, json_output = run_in_terminal(
-        ["prepare", str(source), str(tmp_path / "out"), "--image-size", "16", "--overwrite", "--json"], timeout=180
-    )
-    assert json_status == 0 and '"counts"' in json_output and '"shards"' in json_output, json_output
+
+
+def test_prepare_json_prints_the_manifest(tmp_path, datagen, ray_local, capsys):
+    source = datagen.imagefolder(tmp_path / "folder", {"common": 12, "rare": 6})
+    assert main(["prepare", str(source), str(tmp_path / "out"), "--image-size", "16", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "out" / "manifest.json").read_text())

@@ -39,6 +39,7 @@ from proco_ray.data.manifest import MANIFEST, Shard, read_manifest
 from proco_ray.data.sampling import epoch_rows
 from proco_ray.data.sources import listing
 from proco_ray.errors import DataError
+from proco_ray.progress import progress
 from proco_ray.storage.s3 import join, resolve, storage_errors
 
 BLOCK_BYTES = 32 << 20
@@ -87,6 +88,16 @@ def load_split(uri: str, shards: Sequence[Shard], num_classes: int) -> list[pa.T
                 f"outside the manifest's {num_classes} classes (re-run proco-ray prepare)"
             )
     return tables
+
+
+def execute_counted(dataset: ray.data.Dataset, what: str, total: int | None) -> list[Any]:  # noqa: F821
+    """Run `dataset` and return its blocks' object refs, counting its rows on a progress bar as blocks finish."""
+    blocks: list[Any] = []
+    with progress(what, total) as shown:
+        for bundle in dataset.iter_internal_ref_bundles():
+            blocks += bundle.block_refs
+            shown.update(bundle.num_rows())
+    return blocks
 
 
 def num_blocks(rows: int, image_size: int) -> int:

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import proco_ray
 from proco_ray.data.decode import RAW
 from proco_ray.data.manifest import COLUMNS, LOCATION_COLUMN, MANIFEST, Manifest, Shard, write_manifest
+from proco_ray.data.pipeline import execute_counted
 from proco_ray.data.sources import Source, listing, read_source
 from proco_ray.data.splits import make_split, split_counts
 from proco_ray.errors import DataError, image_problem
-from proco_ray.progress import progress
 from proco_ray.storage.s3 import ClaimedOutput, claim_output, is_s3, join, list_files, resolve, storage_errors
 
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG", RAW: None}  # raw: the uint8 pixels, nothing to decode when training
@@ -205,12 +205,7 @@ def encode_all(source: Source, splits: Sequence[str], options: PrepareOptions):
         batch_format="numpy",
         fn_kwargs=dict(filesystem=source.filesystem, size=options.image_size, encoding=options.encoding, quality=options.quality),
     )
-    blocks = []
-    with progress("encoding images", len(source.records)) as shown:
-        for bundle in encoded.iter_internal_ref_bundles():
-            blocks += bundle.block_refs
-            shown.update(bundle.num_rows())
-    return ray.data.from_arrow_refs(blocks)
+    return ray.data.from_arrow_refs(execute_counted(encoded, "encoding images", len(source.records)))
 
 
 def failures(processed) -> list[dict[str, str]]:

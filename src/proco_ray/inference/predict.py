@@ -25,11 +25,10 @@ import torch
 from proco_ray.data.augment import eval_view
 from proco_ray.data.decode import decode_image
 from proco_ray.data.manifest import read_manifest
-from proco_ray.data.pipeline import load_split
+from proco_ray.data.pipeline import execute_counted, load_split
 from proco_ray.data.prepare import reencode
 from proco_ray.data.sources import IMAGE_EXTENSIONS, is_image_file
 from proco_ray.errors import DataError, image_problem
-from proco_ray.progress import progress
 from proco_ray.storage.s3 import (
     ClaimedOutput,
     claim_output,
@@ -228,12 +227,8 @@ def predict(
             # and the same command reruns it.
             max_restarts=0,
         )
-    results = []
-    with progress("predicting", count) as shown:
-        for bundle in predicted.iter_internal_ref_bundles():
-            results += bundle.block_refs
-            shown.update(bundle.num_rows())
-    table = pa.concat_tables([BlockAccessor.for_block(block).to_arrow() for block in ray.get(results)]).sort_by("path")
+    blocks = ray.get(execute_counted(predicted, "predicting", count))
+    table = pa.concat_tables([BlockAccessor.for_block(block).to_arrow() for block in blocks]).sort_by("path")
     if table.num_rows != count:
         raise DataError(f"predicted {table.num_rows} of {count} images from {input_uri}")
     unreadable = table.filter(pc.not_equal(table["error"], "")).select(["path", "error"])
