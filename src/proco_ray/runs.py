@@ -23,7 +23,7 @@ from proco_ray.engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_c
 from proco_ray.method.registry import create_method
 from proco_ray.metric_keys import CHECKPOINT_SCORE, EPOCH
 from proco_ray.ray_compat import RAY_CHECKPOINT_DIR, RAY_TRAIN_SNAPSHOT, TrainSnapshot, parse_train_snapshot
-from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
+from proco_ray.storage.s3 import is_file, is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -81,12 +81,15 @@ class RunFolder:
     def tensorboard(self) -> str:
         return self.file(TENSORBOARD_DIR)
 
-    def read_file(self, name: str) -> bytes | None:
+    def has_file(self, name: str) -> bool:
         with storage_errors(self.uri):
-            if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.File:
-                return None
-            with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
-                return stream.read()
+            return self.fs.get_file_info(f"{self.path}/{name}").type == pafs.FileType.File
+
+    def read_file(self, name: str) -> bytes | None:
+        if not self.has_file(name):
+            return None
+        with storage_errors(self.uri), self.fs.open_input_stream(f"{self.path}/{name}") as stream:
+            return stream.read()
 
     def write_file(self, name: str, data: bytes) -> str:
         """A whole file in the folder (next to its checkpoints), written in one step; returns its URI."""
@@ -151,7 +154,7 @@ class RunFolder:
             )
             candidates += [c.dir_name for c in registered]
         for name in candidates:
-            if self.read_file(f"{name}/{CHECKPOINT_FILE}") is not None:
+            if self.has_file(f"{name}/{CHECKPOINT_FILE}"):  # a checkpoint of a moved folder may be gone
                 return self.file(name)
         if summary is None and snapshot is None:
             raise CheckpointError(
@@ -166,7 +169,7 @@ class RunFolder:
 def best_checkpoint(uri: str) -> str:
     """The checkpoint `uri` names: itself when it holds checkpoint.pt, else its run folder's best checkpoint."""
     uri = uri.rstrip("/")
-    if read_bytes(join(uri, CHECKPOINT_FILE)) is not None:
+    if is_file(join(uri, CHECKPOINT_FILE)):
         return uri
     return RunFolder.at(uri).best_checkpoint()
 

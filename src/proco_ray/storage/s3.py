@@ -235,6 +235,13 @@ def claim_output(
     return claimed
 
 
+def is_file(uri: str) -> bool:
+    """Whether a file is there (local or s3://), without reading it."""
+    fs, path = resolve(uri)
+    with storage_errors(uri):
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def read_bytes(uri: str) -> bytes | None:
     """A whole file (local or s3://), or None when there is none."""
     fs, path = resolve(uri)
