@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-extended lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the fault tests `make test` leaves out for time (tests/test_faults.py: S3 cut from one node, whole cluster lost)
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -m extended
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -38,27 +38,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_three_nodes(ray_local):
-    """A real three-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head and two nodes, one CPU
-    each) in place of the session's local Ray for one test, which gets it back afterwards."""
-    from ray.cluster_utils import Cluster
-
-    ray_local.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray_local.init(address=cluster.address, log_to_driver=False)
-        ray_local.data.DataContext.get_current().enable_progress_bars = False
-        yield cluster
-    finally:
-        ray_local.shutdown()
-        cluster.shutdown()
-        start_local_ray()
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Endpoint:
     """A real SeaweedFS S3 server on a free 127.0.0.1 port, for the whole session."""

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from netcluster import REAPER, UNSHARE, namespaces_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
 NODE_HOME = "/home/ray"
-# The namespace's first process: it holds the namespaces and reaps what dies in them, as an init does.
-REAPER = "import os, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(0.2)"
-UNSHARE = ["unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "--kill-child"]
 
 pytestmark = pytest.mark.slow
 
@@ -105,15 +103,6 @@ exec {sys.executable} -c "{REAPER}"
         self.holder.wait(timeout=30)
 
 
-def namespaces_refused() -> str | None:
-    if not all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip", "ps")):
-        return "needs unshare, nsenter, ip and ps"
-    probe = subprocess.run([*UNSHARE, "bash", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, text=True)
-    if probe.returncode:
-        return f"unshare of pid/net/mount namespaces refused here: {probe.stderr.strip()}"
-    return None
-
-
 def browser_missing() -> str | None:
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         return "no headless browser: apt-get install chromium chromium-driver (.ci/run does)"
@@ -157,8 +146,6 @@ class Launched:
         self.cluster_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         self.experiment = work / "asha.yaml"
         self.experiment.write_text(yaml.safe_dump(ASHA_EXPERIMENT))
-        self.job_experiment = work / "asha-job.yaml"  # one trial: the job path is what is checked, at half the time
-        self.job_experiment.write_text(yaml.safe_dump({**ASHA_EXPERIMENT, "search_space": {"optim.lr": {"grid": [0.05]}}}))
         self.jobs: dict[str, str] = {}
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -196,8 +183,8 @@ def launched(tmp_path_factory):
 
 
 def test_ray_submit_runs_every_job_script_on_the_launched_head(launched, datagen):
-    """The project as cluster.yaml ships it to the head, then prepare, train and tune as `ray submit` jobs, and
-    `import proco_ray` from any folder of the head, as `ray exec` runs it."""
+    """The project as cluster.yaml ships it to the head, then prepare and train as `ray submit` jobs, and
+    `import proco_ray` from any folder of the head, as `ray exec` runs it (sweeps: `ray job submit`, below)."""
     head = launched.head_folder()
     shipped = {p.relative_to(head / "proco_ray").as_posix() for p in (head / "proco_ray").rglob("*")}
     assert {"src/proco_ray/__init__.py", "jobs/train_isic.py", "pyproject.toml"} <= shipped
@@ -217,12 +204,6 @@ def test_ray_submit_runs_every_job_script_on_the_launched_head(launched, datagen
     assert summary["metrics"]["epoch"] == 1 and "test/macro_f1" in summary["metrics"]
     assert list((launched.runs / "launcher").glob("checkpoint_*/checkpoint.pt"))
 
-    tune = ["--experiment", str(launched.experiment), "--data", str(launched.data), "--config", str(launched.tiny)]
-    tune += ["--storage", str(launched.sweeps), "--name", "asha", *COMMON, "train.num_workers=1"]
-    ok(launched.ray(*submit, "jobs/tune_isic.py", *tune), "tune")
-    results = (launched.sweeps / "asha" / "results" / "results.md").read_text()
-    assert "val/macro_f1" in results and "0.01" in results and "0.05" in results
-
     anywhere = 'cd /tmp && python -c "import proco_ray; print(proco_ray.__file__, proco_ray.__version__)"'
     printed = ok(launched.ray("exec", str(launched.cluster_yaml), anywhere), "exec")
     assert f"{NODE_HOME}/proco_ray/src/proco_ray/__init__.py 0.1.0" in printed
@@ -233,13 +214,14 @@ def test_ray_job_submit_runs_a_sweep_on_the_launched_head(launched):
     `ray dashboard cluster.yaml`."""
     if not (launched.data / "manifest.json").exists():
         pytest.skip("needs the prepared data of the ray submit test")
-    sweep = ["--experiment", str(launched.job_experiment), "--data", str(launched.data), "--config", str(launched.tiny)]
-    sweep += ["--storage", str(launched.sweeps), "--name", "asha-job", *COMMON, "train.num_workers=1"]
+    sweep = ["--experiment", str(launched.experiment), "--data", str(launched.data), "--config", str(launched.tiny)]
+    sweep += ["--storage", str(launched.sweeps), "--name", "asha", *COMMON, "train.num_workers=1"]
     job = ["job", "submit", "--address", DASHBOARD, "--submission-id", "tune-asha", "--working-dir", "."]
     submitted = launched.ray(*job, "--", "python", "jobs/tune_isic.py", *sweep)
     ok(submitted, "ray job submit")
     assert "Job 'tune-asha' succeeded" in submitted.stdout
-    assert "val/macro_f1" in (launched.sweeps / "asha-job" / "results" / "results.md").read_text()
+    results = (launched.sweeps / "asha" / "results" / "results.md").read_text()
+    assert "val/macro_f1" in results and "0.01" in results and "0.05" in results
     launched.jobs["tune-asha"] = "SUCCEEDED"
 
 
@@ -256,13 +238,13 @@ def browse(launched: Launched, url: str, picture: str, *expected: str) -> str:
 
 
 def test_the_dashboards_in_a_browser(launched):
-    """Ray's Jobs page lists the submitted sweep as SUCCEEDED; TensorBoard's HParams table compares the trials of
-    the `ray submit` sweep by the swept learning rate and validation macro-F1."""
+    """Ray's Jobs page lists the submitted sweep as SUCCEEDED; TensorBoard's HParams table compares its trials by
+    the swept learning rate and validation macro-F1."""
     missing = browser_missing()
     if missing:
         pytest.skip(missing)
     if launched.jobs.get("tune-asha") != "SUCCEEDED" or not (launched.sweeps / "asha").is_dir():
-        pytest.skip("needs the sweeps of the two tests above")
+        pytest.skip("needs the sweep of the test above")
     browse(launched, DASHBOARD + "/#/jobs", "ray-dashboard-jobs.png", "tune-asha", "SUCCEEDED")
 
     port = "6006"

@@ -18,10 +18,21 @@ from pathlib import Path
 import pytest
 
 from proco_ray.cli import main
+from proco_ray.config import load_config
 from proco_ray.data.prepare import PrepareOptions, prepare
 from proco_ray.data.synthetic import write_image_folder
 from proco_ray.errors import StorageError
-from proco_ray.launch.run_claim import CLAIM_FILE, Claim, RunInUseError, acquire, read_claim, release, storage_gone
+from proco_ray.launch.run_claim import (
+    CLAIM_FILE,
+    Claim,
+    RunInUseError,
+    acquire,
+    claimed,
+    read_claim,
+    release,
+    storage_gone,
+    storage_unreachable_from_a_worker,
+)
 from proco_ray.storage.s3 import join, read_bytes, write_bytes
 
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -65,8 +76,6 @@ def test_a_claim_refuses_a_second_holder_until_released_or_stale(where, tmp_path
 
 
 def test_storage_that_stopped_answering_is_one_line_naming_it_and_the_resume(monkeypatch):
-    from proco_ray.config import load_config
-
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("PROCO_S3_CONNECT_TIMEOUT_S", "1")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
@@ -200,3 +209,34 @@ def test_a_full_disk_is_one_line_naming_the_storage_and_the_resume(prepared, tmp
     assert errors[0].startswith(f"proco-ray train: error: no space left on the device the run writes to (its storage is {runs})")
     assert errors[0].endswith("rerun the same command to resume from the run's latest checkpoint")
     assert not [line for line in lines if line.startswith("Traceback")], "the driver printed a traceback"
+
+
+def test_a_worker_cut_off_from_storage_is_one_line_naming_it():
+    """Issue 37: a worker node whose packets to S3 were lost failed the run with a worker traceback; the driver,
+    which still reaches S3 (storage_gone finds nothing), names the storage, the cause and the resume."""
+    config = load_config(TINY, ["train.storage_path=s3://proco-faults/runs"])
+    upload = (
+        "When initiating multiple part upload for key 'runs/r/tensorboard/events' in bucket 'proco-faults': AWS Error "
+        "NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 28, Timeout was reached"
+    )
+    worker_error = RuntimeError(f"Training failed due to worker errors:\n[Rank 0 Worker]\nTraceback ...\nOSError: {upload}\n")
+    failed = RuntimeError("the run failed")
+    failed.__cause__ = worker_error
+    explained = str(storage_unreachable_from_a_worker(config, failed))
+    assert explained.startswith("a training worker could not reach the run's storage s3://proco-faults/runs, which answers")
+    assert upload in explained and "\n" not in explained
+    assert storage_unreachable_from_a_worker(config, RuntimeError("CUDA out of memory")) is None
+
+
+def test_a_run_that_never_wrote_leaves_no_folder_it_created(tmp_path):
+    """Issue 37: a run refused after its claim (a local path on a cluster of several nodes) left the empty
+    folders the claim had created."""
+    config = load_config(TINY, [f"train.storage_path={tmp_path / 'runs' / 'nested'}", "train.name=never"])
+    with pytest.raises(RuntimeError, match="refused"), claimed(config):
+        assert (tmp_path / "runs" / "nested" / "never").is_dir()
+        raise RuntimeError("refused")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    with claimed(config):
+        (tmp_path / "runs" / "nested" / "never" / "written").write_text("1")
+    assert [p.name for p in (tmp_path / "runs" / "nested" / "never").iterdir()] == ["written"]

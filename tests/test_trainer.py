@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from proco_ray.config import ConfigError, load_config
-from proco_ray.engine.checkpoint import STAGING_PREFIX, load_checkpoint
+from proco_ray.engine.checkpoint import STAGING_PREFIX
 from proco_ray.engine.feeds import GeneratedFeed
 from proco_ray.launch.cluster import connect_or_start_ray
 from proco_ray.launch.train_worker import quiet_report_lines
@@ -32,27 +31,6 @@ def run(tmp_path, name, workers, extra=()):
         TINY, OVERRIDES + [f"train.num_workers={workers}", f"train.name={name}", f"train.storage_path={tmp_path}"] + list(extra)
     )
     return fit(config, FEED)
-
-
-def test_two_workers_match_one_worker_with_the_same_global_batch(ray_local, tmp_path):
-    # one step per epoch, two epochs: the queue (wrapping), the recalibration and the model cross an epoch and a
-    # checkpoint; more steps let float32 reduction-order differences (1e-8 after the first step) grow chaotically
-    # by how each CPU's kernels round (past 1e-3 after six steps on some CPUs), which no longer tests the sync
-    short = ["train.max_steps_per_epoch=1", "method.queue_size=24"]  # the second step wraps the queue
-    one = run(tmp_path, "one", 1, short)
-    two = run(tmp_path, "two", 2, short)
-    assert one.error is None and two.error is None
-    with one.checkpoint.as_directory() as a_dir, two.checkpoint.as_directory() as b_dir:
-        a, b = load_checkpoint(a_dir), load_checkpoint(b_dir)
-    assert a["epoch"] == b["epoch"] == 2 and int(a["method"]["queue.ptr"]) == 32 % 24
-    for key in ("queue.labels", "queue.preds", "queue.ptr", "recalibration.weights"):
-        torch.testing.assert_close(a["method"][key], b["method"][key], rtol=1e-4, atol=1e-5, msg=key)
-    # two steps leave only float32 reduction-order differences (gradient all-reduce vs one big batch: ~1e-7)
-    torch.testing.assert_close(a["method"]["queue.feats"], b["method"]["queue.feats"], rtol=1e-5, atol=1e-5)
-    for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-5, atol=1e-5, msg=key)
-    assert one.metrics["train/loss"] == pytest.approx(two.metrics["train/loss"], rel=1e-4)
-    assert "test/macro_f1" in two.metrics
 
 
 def test_more_workers_than_cpus_is_refused_before_starting(ray_local):
@@ -142,7 +120,6 @@ def checkpoint_folders(run: Path) -> set[str]:
 
 
 KILL_TIMINGS = {
-    "as the workers start": lambda run: True,
     "once the first checkpoint is registered": lambda run: RunFolder.at(str(run)).resumed_epoch() >= 1,
     "as the second checkpoint is written": lambda run: len(checkpoint_folders(run)) >= 2,
 }

@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module.add_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help=f"show Ray's own logging and progress bars (also: {VERBOSE}=1)")
     args = parser.parse_args(argv[1:])
+    # Progress lines (this process's and the Ray workers' it forwards) as they come, also into a pipe or a file:
+    # `proco-ray train ... | tee train.log` otherwise showed every epoch line only when the run ended.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     if args.verbose:
         os.environ[VERBOSE] = "1"  # read by quiet_ray_process here and in the workers of a local Ray
     try:

@@ -289,14 +289,19 @@ def flat_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class ScalarLog:
-    """TensorBoard scalars from rank 0 (a no-op elsewhere)."""
+    """TensorBoard scalars from rank 0 (a no-op elsewhere), one step per epoch.
 
-    def __init__(self, log_dir: Path | None, enabled: bool) -> None:
+    Every writer starts with a purge at its first epoch: TensorBoard then hides what a worker group that
+    failed after its last registered checkpoint had written for the epochs being redone (from the first, when
+    none was registered), so each epoch shows once; in a new run's empty folder it hides nothing.
+    """
+
+    def __init__(self, log_dir: Path | None, enabled: bool, first_epoch: int = 0) -> None:
         self.writer = None
         if enabled and log_dir is not None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=first_epoch + 1)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -400,7 +405,7 @@ def train_worker(config: Config, feed: DataFeed, env: WorkerEnv) -> dict[str, An
     start_epoch = state["epoch"] if state else 0
     best: dict[str, float] = dict(state.get("best", {})) if state else {}
     global_step = state["global_step"] if state else 0
-    log = ScalarLog(env.log_dir, enabled=rank == 0)
+    log = ScalarLog(env.log_dir, enabled=rank == 0, first_epoch=start_epoch)
     total_epochs = config.optim.epochs
     cap = config.train.max_steps_per_epoch
     steps_per_epoch = feed.steps_per_epoch if cap is None else min(feed.steps_per_epoch, cap)

@@ -2,11 +2,11 @@
 
 Two runs of the same name on the same storage would train into one folder, each deleting the other's
 checkpoints as "never registered". A run therefore claims its folder while it is live: a small file,
-`.proco-ray-run.json`, with its pid, host and start time, refreshed every HEARTBEAT_S seconds and removed
+`.proco-ray-run.json`, with its pid, host and start time, refreshed six times per claim timeout and removed
 when the run ends. A second run of the same name is refused with the claim's contents. A claim whose
 process is gone (same host, dead pid) or that was not refreshed for PROCO_RUN_CLAIM_TIMEOUT_S seconds
-(default 600; another host, whose processes this one cannot see) is stale: a killed run's claim never
-blocks its resume.
+(default 180; another host, whose processes this one cannot see, such as the head of a cluster that was
+brought down) is stale: a killed run's claim never blocks its resume for longer than that.
 
 On local disk the claim is created atomically (O_EXCL). S3 has no create-if-absent, so there a run
 writes its claim, waits a moment and reads it back: of two runs started within that moment, the later
@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -28,15 +29,16 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
-from proco_ray.config import Config
+from proco_ray.config import Config, ConfigError
 from proco_ray.errors import ProcoError, StorageError
 from proco_ray.processes import process_runs
 from proco_ray.runs import RunFolder
 from proco_ray.storage.s3 import is_s3, join, read_bytes, resolve, storage_errors, write_bytes
 
 CLAIM_FILE = ".proco-ray-run.json"
-HEARTBEAT_S = 60.0
-DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_VARIABLE = "PROCO_RUN_CLAIM_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 180.0
+HEARTBEATS_PER_TIMEOUT = 6
 S3_SETTLE_S = 1.0  # how long an S3 claim waits before reading itself back
 
 
@@ -60,8 +62,19 @@ class Claim:
         """A claim of a process that is gone, or (another host) not refreshed within the timeout."""
         if self.host == socket.gethostname():
             return not process_runs(self.pid)
-        timeout = float(os.environ.get("PROCO_RUN_CLAIM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        return (now or time.time()) - self.refreshed > timeout
+        return (now or time.time()) - self.refreshed > claim_timeout()
+
+
+def claim_timeout() -> float:
+    """Seconds without a refresh after which another host's claim is stale ($PROCO_RUN_CLAIM_TIMEOUT_S)."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    try:
+        timeout = DEFAULT_TIMEOUT_S if text is None else float(text)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={text}: expected a positive number of seconds")
+    return timeout
 
 
 def read_claim(uri: str) -> Claim | None:
@@ -79,9 +92,13 @@ def _encode(claim: Claim) -> bytes:
 
 
 def _refuse(uri: str, holder: Claim) -> RunInUseError:
+    if holder.host == socket.gethostname():
+        ignored = "once its process is gone"
+    else:
+        ignored = f"{claim_timeout():.0f} s after its last refresh ({TIMEOUT_VARIABLE}), as after a cluster was brought down"
     return RunInUseError(
         f"run {uri} is in use by a live run ({holder.describe()}); wait for it to end, or choose another train.name "
-        f"(a claim left by a killed run is ignored once its process is gone: {join(uri, CLAIM_FILE)})"
+        f"(a claim left by a killed run is ignored {ignored}: {join(uri, CLAIM_FILE)})"
     )
 
 
@@ -138,12 +155,14 @@ def release(uri: str, claim: Claim) -> None:
 def claimed(config: Config) -> Iterator[Claim]:
     """Hold the run folder of `config` for the duration of the block, refreshing the claim in the background."""
     uri = RunFolder.of_config(config).uri
+    created = None if is_s3(uri) else _first_missing(resolve(uri)[1])
     claim = acquire(uri)
     stop = threading.Event()
+    period = claim_timeout() / HEARTBEATS_PER_TIMEOUT
 
     def heartbeat() -> None:
         nonlocal claim
-        while not stop.wait(HEARTBEAT_S):
+        while not stop.wait(period):
             refreshed = Claim(**{**asdict(claim), "refreshed": time.time()})
             with contextlib.suppress(ProcoError, OSError):  # unreachable storage fails the run itself, with its message
                 write_bytes(join(uri, CLAIM_FILE), _encode(refreshed))
@@ -157,6 +176,27 @@ def claimed(config: Config) -> Iterator[Claim]:
         stop.set()
         thread.join(timeout=5)
         release(uri, claim)
+        if created is not None:  # a run refused or failed before it wrote anything leaves no empty folders
+            _remove_empty(resolve(uri)[1], up_to=created)
+
+
+def _first_missing(path: str) -> str | None:
+    """The topmost folder on the way to `path` that does not exist yet (what the claim creates), or None."""
+    missing = None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(path: str, up_to: str) -> None:
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (or gone): everything above stays
+            return
+        if path == up_to:
+            return
+        path = os.path.dirname(path)
 
 
 def storage_gone(config: Config) -> StorageError | None:
@@ -187,6 +227,22 @@ def storage_full(config: Config, error: BaseException) -> StorageError | None:
         f"there, or set train.storage_path to a place with room, then rerun the same command to resume from the "
         f"run's latest checkpoint"
     )
+
+
+def storage_unreachable_from_a_worker(config: Config, error: BaseException) -> StorageError | None:
+    """For a run that failed while its storage still answers this machine (storage_gone found nothing): a one-line
+    StorageError when a worker's S3 request could not connect (pyarrow's NETWORK_CONNECTION, which Ray Train hands
+    back as the text of the worker's traceback), else None. Ray's health checks do not cover a node's route to
+    S3, so such a node stays in the cluster and may be given the restarted workers again."""
+    for text in (str(e) for e in _chain(error)):
+        found = re.search(r"(When [^\n]*?: )?AWS Error NETWORK_CONNECTION during \w+ operation[^\n]*", text)
+        if found:
+            return StorageError(
+                f"a training worker could not reach the run's storage {config.train.storage_path}, which answers "
+                f"from this machine ({found.group(0)[:300]}): check the worker nodes' route to the S3 endpoint, then "
+                f"rerun the same command to resume from the run's latest checkpoint"
+            )
+    return None
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

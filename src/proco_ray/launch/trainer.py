@@ -22,7 +22,7 @@ from proco_ray.data.pipeline import StoredSplit, build_dataset, store_split
 from proco_ray.data.train_input import TrainInput
 from proco_ray.distributed import process_group_backend
 from proco_ray.launch.cluster import check_paths_reach_every_node, live_nodes
-from proco_ray.launch.run_claim import storage_full, storage_gone
+from proco_ray.launch.run_claim import storage_full, storage_gone, storage_unreachable_from_a_worker
 from proco_ray.launch.train_worker import FeedFactory, train_loop_per_worker
 from proco_ray.method.registry import resolved, train_inputs
 from proco_ray.metric_keys import BEST_EPOCH, CHECKPOINT_SCORE, EPOCH, TEST, VAL
@@ -257,7 +257,7 @@ def fit_or_explain(config: Config) -> ray.train.Result:
             raise outcome["error"]
         return outcome["result"]
     except Exception as error:
-        explained = storage_gone(config) or storage_full(config, error)
+        explained = storage_gone(config) or storage_full(config, error) or storage_unreachable_from_a_worker(config, error)
         if explained is None:
             raise
         raise explained from None
