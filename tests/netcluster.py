@@ -3,8 +3,8 @@
 The test's namespaces (pid, net, mount) hold a bridge, 10.37.0.1/24, where the S3 server listens. Each node is
 a nested pid, net, mount and UTS namespace: a veth pair joins its `eth0` (10.37.0.1N) to the bridge; it has its
 own host name (resolving to its address in its own /etc/hosts) and /tmp/ray; and `ray start` runs there as on a
-machine of its own (`--address=HEAD_IP:6379`). The addresses exist only inside these namespaces and there is no route out of them; killing the outer namespace's first process
-ends every process started in it. Faults are what a cloud does to a machine: all of a node's processes killed
+machine of its own (`--address=HEAD_IP:6379`). The addresses exist only inside these namespaces and there is no
+route out of them; killing the outer namespace's first process ends every process started in it. Faults are what a cloud does to a machine: all of a node's processes killed
 at once (its pid namespace ended), its link set down, its packets to S3 lost.
 """
 
@@ -29,7 +29,7 @@ SUBNET = "10.37.0"
 S3_HOST = f"{SUBNET}.1"
 HEAD_PORT = 6379
 # The namespace's first process: it holds the namespaces and reaps what dies in them, as an init does.
-REAPER = "import os, sys, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(0.2)"
+REAPER = "import os, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(0.2)"
 UNSHARE = ["unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "--kill-child"]
 # Ray's GCS marks a node dead after `threshold` health checks failed in a row, one every `period`: the defaults
 # (3 s, 10 s timeout, 5 failures) take 15-60 s, which a test can shorten without changing what happens.
@@ -71,11 +71,16 @@ def _holder(command: list[str], init: str, marker: str, timeout: float = 30) -> 
         time.sleep(0.1)
 
 
-def _run(command: list[str], timeout: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def _run(command: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and done.returncode:
+    if done.returncode:
         raise AssertionError(f"{' '.join(command)} exited {done.returncode}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     return done
+
+
+def _in_net(pid: int, *command: str) -> None:
+    """A network tool (ip) run in the network namespace of process `pid`."""
+    _run(["nsenter", "-t", str(pid), "--net", *command])
 
 
 class Running:
@@ -133,14 +138,10 @@ class Node:
         init += "mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray"
         self.launcher, self.pid = _holder([*enter, *UNSHARE, "--uts"], init, marker)
         veth = f"v-{name}"[:15]
-        cluster.ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(self.pid))
-        cluster.ip("link", "set", veth, "master", "br0", "up")
-        self.in_net("ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
-        self.in_net("ip", "link", "set", "eth0", "up")
-
-    def in_net(self, *command: str) -> None:
-        """A network tool (ip, tc) run in the node's network namespace."""
-        _run(["nsenter", "-t", str(self.pid), "--net", *command])
+        _in_net(cluster.pid, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(self.pid))
+        _in_net(cluster.pid, "ip", "link", "set", veth, "master", "br0", "up")
+        _in_net(self.pid, "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        _in_net(self.pid, "ip", "link", "set", "eth0", "up")
 
     def inside(self, command: list[str], cwd: Path = ROOT) -> list[str]:
         return ["nsenter", "-t", str(self.pid), "--pid", "--net", "--mount", "--uts", f"--wd={cwd}", "--", *command]
@@ -168,11 +169,6 @@ class Node:
         done = self.run(["ray", "start", *role, *common], timeout=180)
         assert done.returncode == 0, f"ray start on {self.name}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
 
-    def stop_ray(self) -> None:
-        """`ray stop` as a user types it on this node: its own pid namespace is all it sees."""
-        done = self.run(["ray", "stop", "--force"], timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-
     def processes(self, needle: str = "") -> list[int]:
         """This node's processes (pids as this process sees them) whose command line contains `needle`."""
         own = os.readlink(f"/proc/{self.pid}/ns/pid")
@@ -194,16 +190,16 @@ class Node:
         self.launcher.wait(timeout=30)
 
     def cut_link(self) -> None:
-        self.in_net("ip", "link", "set", "eth0", "down")
+        _in_net(self.pid, "ip", "link", "set", "eth0", "down")
 
     def restore_link(self) -> None:
-        self.in_net("ip", "link", "set", "eth0", "up")
+        _in_net(self.pid, "ip", "link", "set", "eth0", "up")
 
     def drop_packets_to(self, host: str) -> None:
         """Every packet this node sends to `host` silently lost (a broken route to one service only): the host's
         address is pinned to a hardware address nobody has, so connections hang until the client's own timeouts,
         as they do in a cloud when a security group or route drops them."""
-        self.in_net("ip", "neigh", "replace", host, "lladdr", "02:00:00:00:00:99", "nud", "permanent", "dev", "eth0")
+        _in_net(self.pid, "ip", "neigh", "replace", host, "lladdr", "02:00:00:00:00:99", "nud", "permanent", "dev", "eth0")
 
 
 class NetworkedCluster:
@@ -221,6 +217,8 @@ class NetworkedCluster:
         self.nodes: dict[str, Node] = {}
         self.created = 0  # nodes ever started: each gets the next address, as a cloud gives a new machine a new one
         self.head: Node | None = None
+        self.nodes_log = work / "nodes.log"
+        self.watcher: Running | None = None
         self.env = {
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "HOME": str(home),
@@ -242,9 +240,6 @@ class NetworkedCluster:
         """A driver's environment on the head, as `ray submit` gives it."""
         return {**self.env, "RAY_ADDRESS": self.head_address}
 
-    def ip(self, *args: str) -> None:
-        _run(["nsenter", "-t", str(self.pid), "--net", "ip", *args])
-
     def _start_s3(self, folder: Path) -> dict[str, str]:
         """SeaweedFS on the bridge's address, started inside the outer namespaces; returns the client variables."""
         start = (
@@ -263,6 +258,22 @@ class NetworkedCluster:
             self.head = node
         node.start_ray(head=head, cpus=cpus)
         return node
+
+    def watch_nodes(self) -> None:
+        """From now on, the head logs the set of nodes the GCS counts alive whenever it changes (see declared_dead_at)."""
+        call = f"import netcluster; netcluster.watch_nodes({str(self.nodes_log)!r})"
+        self.watcher = self.head.start([sys.executable, "-c", call], self.work / "watcher.log", self.driver_env)
+
+    def declared_dead_at(self, address: str, after: float, timeout: float = 120) -> float:
+        """When the GCS stopped counting the node at `address` alive, after the time `after`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in self.nodes_log.read_text().splitlines():
+                stamp, *alive = line.split()
+                if float(stamp) >= after and address not in alive:
+                    return float(stamp)
+            time.sleep(0.5)
+        raise AssertionError(f"the GCS still counted {address} alive {timeout:.0f} s after the fault")
 
     def worker_node_with(self, needle: str) -> Node | None:
         """A node other than the head running a process whose command line contains `needle`."""
@@ -323,7 +334,7 @@ EXACT = ["model.norm=group", "model.batch_norm=shuffle", "train.max_steps_per_ep
 
 
 def fit_generated(name: str, workers: int, storage: str, out: str) -> None:
-    """test_trainer's exactness run (generated data, one step per epoch, a queue that wraps) on this cluster;
+    """An exactness run (generated data, one step per epoch, a queue that wraps) on this cluster;
     writes the final checkpoint's state and the addresses its workers ran at to `out`.pt and `out`.json."""
     import ray
     import torch

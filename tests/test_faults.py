@@ -53,11 +53,7 @@ def cluster(tmp_path_factory, datagen):
         cluster.add_node("head", head=True)
         for name in ("a", "b", "c"):  # two for the training workers, one for Ray Data and as the spare
             cluster.add_node(name)
-        cluster.watcher = cluster.head.start(
-            [sys.executable, "-c", f"import netcluster; netcluster.watch_nodes({str(work / 'nodes.log')!r})"],
-            work / "watcher.log",
-            cluster.driver_env,
-        )
+        cluster.watch_nodes()
         source = datagen.imagefolder(work / "source", {"common": 48, "rare": 16, "scarce": 12})
         prepare = [sys.executable, "-m", "proco_ray", "prepare", str(source), DATA, "--image-size", "16"]
         done = cluster.head.run(prepare, env=cluster.driver_env)
@@ -74,18 +70,6 @@ def record(cluster: NetworkedCluster, name: str) -> dict:
     out = cluster.work / f"{name}-record.json"
     cluster.in_head(f"record_run({RUNS + '/' + name!r}, {str(out)!r})")
     return json.loads(out.read_text())
-
-
-def node_dead_at(cluster: NetworkedCluster, address: str, after: float, timeout: float = 120) -> float:
-    """When the GCS stopped counting the node at `address` alive (the head's watcher log)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for line in (cluster.work / "nodes.log").read_text().splitlines():
-            stamp, *alive = line.split()
-            if float(stamp) >= after and address not in alive:
-                return float(stamp)
-        time.sleep(0.5)
-    raise AssertionError(f"the GCS still counted {address} alive {timeout:.0f} s after the fault")
 
 
 def epochs_printed(run: Running, after: float = 0.0, before: float = float("inf")) -> list[int]:
@@ -106,7 +90,7 @@ def nothing_lost(cluster: NetworkedCluster, name: str, run: Running, struck: flo
 
 
 def test_two_workers_on_nodes_of_their_own_match_one_worker(cluster, tmp_path):
-    """The exactness check of test_trainer across real network stacks: two workers on two nodes (gloo over the
+    """Exactness across real network stacks: two workers on two nodes (gloo over the
     bridge) end with the queue, recalibration and model of the per-worker loop run alone, without Ray, on the
     same global batch."""
     out = cluster.work / "generated-2"
@@ -157,7 +141,7 @@ def test_a_worker_node_lost_mid_epoch(cluster):
     """All of a worker node's processes killed at once: the GCS marks it dead, Ray Train restarts the worker
     group on the spare node and resumes from the latest registered checkpoint."""
     run, node, struck = fault_mid_epoch(cluster, "lost", lambda node: node.kill())
-    detected = node_dead_at(cluster, node.ip, struck)
+    detected = cluster.declared_dead_at(node.ip, struck)
     resumed = run.wait_for(EPOCH_LINE, timeout=400, after=struck)
     assert run.wait(timeout=600) == 0, run.tail()
     repeated = nothing_lost(cluster, "lost", run, struck)
@@ -170,7 +154,7 @@ def test_a_worker_node_cut_off_mid_epoch(cluster):
     """The node's link set down: the GCS's health checks find it, Ray Train restarts the group elsewhere; the
     node's link back up afterwards, its raylet learns it was declared dead and exits, and the run is untouched."""
     run, node, struck = fault_mid_epoch(cluster, "cut", lambda node: node.cut_link())
-    detected = node_dead_at(cluster, node.ip, struck)
+    detected = cluster.declared_dead_at(node.ip, struck)
     resumed = run.wait_for(EPOCH_LINE, timeout=400, after=struck)
     node.restore_link()
     deadline = time.time() + 120

@@ -155,7 +155,8 @@ def release(uri: str, claim: Claim) -> None:
 def claimed(config: Config) -> Iterator[Claim]:
     """Hold the run folder of `config` for the duration of the block, refreshing the claim in the background."""
     uri = RunFolder.of_config(config).uri
-    created = None if is_s3(uri) else _first_missing(resolve(uri)[1])
+    local = None if is_s3(uri) else resolve(uri)[1]
+    created = _first_missing(local) if local else None
     claim = acquire(uri)
     stop = threading.Event()
     period = claim_timeout() / HEARTBEATS_PER_TIMEOUT
@@ -177,7 +178,7 @@ def claimed(config: Config) -> Iterator[Claim]:
         thread.join(timeout=5)
         release(uri, claim)
         if created is not None:  # a run refused or failed before it wrote anything leaves no empty folders
-            _remove_empty(resolve(uri)[1], up_to=created)
+            _remove_empty(local, up_to=created)
 
 
 def _first_missing(path: str) -> str | None:
