@@ -164,3 +164,65 @@ def test_length_curve_reads_both_readings_of_every_sweep_and_draws_the_figure(tm
     assert figure.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="give --dataset NAME before"):
         main(["length-curve", "--sweep", f"15={tmp_path / 'e15'}", "--dataset", "toy"])
+
+
+def test_spearman_p_value_is_the_share_of_pairings_at_least_as_extreme():
+    """Against a brute-force loop over all 6! pairings (the exact test the p-value runs up to 8 methods)."""
+    import itertools
+
+    from scipy.stats import spearmanr
+
+    from proco_ray.experiments.paper_table import spearman_p_value, spearman_rho
+
+    x, y = [0.85, 0.86, 0.849, 0.857, 0.818, 0.811], [0.40, 0.46, 0.41, 0.44, 0.30, 0.37]
+    observed = spearman_rho(x, y)
+    assert observed == pytest.approx(spearmanr(x, y).statistic)
+    pairings = [spearmanr(x, [y[i] for i in order]).statistic for order in itertools.permutations(range(6))]
+    brute = sum(abs(rho) >= abs(observed) - 1e-12 for rho in pairings) / len(pairings)
+    assert spearman_p_value(x, y) == pytest.approx(brute)
+
+
+def test_paper_table_puts_each_method_beside_the_paper_with_ranks_correlation_and_paired_differences(tmp_path, capsys):
+    from proco_ray.cli import main
+    from proco_ray.experiments.paper_table import PAPER_TABLE2
+
+    paper = PAPER_TABLE2["isic2018"]
+    # Ours: the paper's F1 order exactly (F1 - 0.3), proco_paper at the bottom; seeds 0.01 apart (proco's 0.02).
+    scores = {method: f1 - 0.3 for method, (_, f1) in paper.items()} | {"proco_paper": 0.2}
+    for variant, score in scores.items():
+        folder = tmp_path / ("first" if variant < "m" else "second")
+        step = 0.02 if variant == "proco" else 0.01
+        for seed in range(3):
+            trial = folder / f"{variant}_seed{seed}"
+            trial.mkdir(parents=True)
+            last = {"epoch": 100, "best/val_macro_f1": score + 0.1}
+            for prefix, shift in (("test", 0.0), ("last/test", -0.05)):
+                last |= {
+                    f"{prefix}/accuracy": 0.7,
+                    f"{prefix}/balanced_accuracy": 0.5,
+                    f"{prefix}/macro_f1": score + shift + step * seed,
+                }
+            (trial / "history.json").write_text(json.dumps([{"epoch": 1}, last]))
+    unfinished = tmp_path / "second" / "ohem_seed3"
+    unfinished.mkdir()
+    (unfinished / "history.json").write_text(json.dumps([{"epoch": 1, "test/macro_f1": 0.9}]))
+
+    assert main(["paper-table", "--sweep", str(tmp_path / "first"), "--sweep", str(tmp_path / "second")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "| `proco` | 0.887 | 0.763 | 1 | 0.700 ± 0.000 | 0.483 ± 0.020 | 0.500 ± 0.000 | 0.700 ± 0.000 | 0.433 ± 0.020 |" in out
+    )
+    assert "| `proco_paper` | 0.887 | 0.763 | 1 | 0.700 ± 0.000 | 0.210 ± 0.010 |" in out and out.count("| 11 | 3 |") == 1
+    assert "| `ohem` | 0.818 | 0.660 | 10 |" in out and "| 10 | 3 |" in out  # seed 3 unfinished: not counted
+    assert "with `proco` as the paper's ProCo: Spearman rho = +1.00 over 10 methods, p = 0.000" in out
+    assert "with `proco_paper` as the paper's ProCo: Spearman rho = +0.45 over 10 methods" in out
+    assert "strongest baselines on validation (`cl_resample`, `cl`)" in out
+    assert "| `proco` − `cl_resample` | best-validation epoch | +0.012, +0.022, +0.032 | +0.022 [-0.003, +0.047] |" in out
+
+    (tmp_path / "first" / "ce_seed0").rename(tmp_path / "second" / "ce_seed0")
+    (tmp_path / "dup" / "ce_seed0").mkdir(parents=True)
+    (tmp_path / "dup" / "ce_seed0" / "history.json").write_text((tmp_path / "second" / "ce_seed0" / "history.json").read_text())
+    with pytest.raises(SystemExit, match="ce seed 0 is finished in more than one of the folders"):
+        main(["paper-table", "--sweep", str(tmp_path / "second"), "--sweep", str(tmp_path / "dup")])
+    with pytest.raises(SystemExit, match="no such sweep folder"):
+        main(["paper-table", "--sweep", str(tmp_path / "none")])

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "proco_ray.commands.length_curve",
         "one comparison at several training lengths: paired differences and the curve",
     ),
+    "paper-table": ("proco_ray.commands.paper_table", "the paper's Table 2 beside finished sweeps: ranks, rank correlation"),
 }
 
 

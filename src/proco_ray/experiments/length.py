@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proco_ray.experiments.stats import parse_trial_name
 from proco_ray.metric_keys import LAST_TEST_MACRO_F1, TEST_MACRO_F1
@@ -43,7 +44,8 @@ def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]
         value = differences[seeds[0]] if seeds else math.nan
         return PairedDifference(differences, value, math.nan, math.nan)
     mean = statistics.fmean(differences.values())
-    if len(set(differences.values())) == 1:  # no spread: the interval is the point (scipy warns and returns nan)
+    if max(differences.values()) - min(differences.values()) <= 1e-12:  # no spread (to rounding): the interval is
+        # the point (scipy warns of catastrophic cancellation and returns nan)
         return PairedDifference(differences, mean, mean, mean)
     from scipy.stats import ttest_rel
 
@@ -51,23 +53,31 @@ def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]
     return PairedDifference(differences, mean, float(interval.low), float(interval.high))
 
 
-def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """{variant: {reading: {seed: test macro-F1}}} of the finished trials of a local-sweep folder (those whose
-    last report has the last epoch's test metrics)."""
-    out: dict[str, dict[str, dict[int, float]]] = {}
+def finished_trials(folder: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """{variant: {seed: last report}} of the finished trials of a local-sweep folder: those whose last report has
+    the last epoch's test metrics (reported at the final epoch only) and no error."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
     for history_file in sorted(folder.glob("*/history.json")):
         trial = parse_trial_name(history_file.parent.name)
         history = json.loads(history_file.read_text())
         if trial is None or not history or (history_file.parent / "error.txt").exists():
             continue
-        last = history[-1]
-        if READINGS["last epoch"] not in last:  # reported at the final epoch only: the trial is not finished
-            continue
-        for reading, key in READINGS.items():
-            if key in last:
-                variant, seed = trial
-                out.setdefault(variant, {}).setdefault(reading, {})[seed] = float(last[key])
+        if READINGS["last epoch"] in history[-1]:
+            variant, seed = trial
+            out.setdefault(variant, {})[seed] = history[-1]
     return out
+
+
+def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """{variant: {reading: {seed: test macro-F1}}} of the finished trials of a local-sweep folder."""
+    return {
+        variant: {
+            reading: values
+            for reading, key in READINGS.items()
+            if (values := {seed: float(last[key]) for seed, last in seeds.items() if key in last})
+        }
+        for variant, seeds in finished_trials(folder).items()
+    }
 
 
 def _cell(values: Mapping[int, float]) -> str:
@@ -78,7 +88,8 @@ def _cell(values: Mapping[int, float]) -> str:
     return f"{statistics.fmean(numbers):.3f}{spread} (n={len(numbers)})"
 
 
-def _difference_cell(difference: PairedDifference) -> tuple[str, str]:
+def difference_cells(difference: PairedDifference) -> tuple[str, str]:
+    """('+0.030, -0.010, +0.050', '+0.023 [-0.040, +0.087]'): the per-seed differences and their summary."""
     per_seed = ", ".join(f"{d:+.3f}" for _, d in sorted(difference.per_seed.items())) or "–"
     if math.isnan(difference.low):
         return per_seed, "–"
@@ -107,7 +118,7 @@ def length_table(datasets: Readings, method: str, baseline: str, others: Sequenc
         for epochs, readings in sweeps.items():
             for reading in READINGS:
                 values = {name: readings.get(name, {}).get(reading, {}) for name in names}
-                per_seed, summary = _difference_cell(paired_difference(values[method], values[baseline]))
+                per_seed, summary = difference_cells(paired_difference(values[method], values[baseline]))
                 cells = [dataset, str(epochs), reading, *(_cell(values[n]) for n in names), per_seed, summary]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
