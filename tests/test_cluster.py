@@ -96,3 +96,37 @@ def test_rays_meaningless_lines_stay_off_the_screen():
         finally:
             logger.removeHandler(handler)
     assert seen == ["a warning that matters", "\u26a0\ufe0f  Dataset train_035A9 execution failed"]
+
+
+def test_a_stale_cluster_record_does_not_reach_the_state_api_of_a_local_rays_workers(tmp_path):
+    """A `ray start` never stopped leaves its address in Ray's temp folder; Ray Train's placement-group cleaner
+    asks the state API from a worker, which read that address, waited 40 s on it and printed a GCS timeout
+    traceback into every local run. The workers of a local Ray started here ask their own Ray."""
+    import os
+    import subprocess
+    import tempfile
+
+    temp_root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    (temp_root / "ray").mkdir()
+    (temp_root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing answers there
+    script = """
+import ray
+from proco_ray.launch.cluster import connect_or_start_ray
+
+assert connect_or_start_ray(join_existing=False)
+
+@ray.remote
+def nodes_seen_by_the_state_api():
+    from ray.util.state import list_nodes
+
+    return len(list_nodes(timeout=10))
+
+print("nodes:", ray.get(nodes_seen_by_the_state_api.remote()))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp_root)}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        subprocess.run(["rm", "-rf", str(temp_root)], check=False)
+    assert done.returncode == 0 and "nodes: 1" in done.stdout, done.stderr[-3000:]

@@ -81,7 +81,7 @@ class _DropLines(logging.Filter):
 
 def quiet_ray_process() -> None:
     """Keep Ray's meaningless lines (above) off the screen, in this process; the local Ray runs it in every
-    worker as its `worker_process_setup_hook`. Ray Data's progress bars are off (`proco_ray.progress` draws one
+    worker (`setup_local_worker`). Ray Data's progress bars are off (`proco_ray.progress` draws one
     bar per pass a user waits for) and so is its notice that they are. `--verbose` (PROCO_RAY_VERBOSE=1) keeps all."""
     import warnings
 
@@ -99,6 +99,18 @@ def quiet_ray_process() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLines) for f in logger.filters):
             logger.addFilter(_DropLines(pattern))
+
+
+def setup_local_worker() -> None:
+    """Every worker process of a local Ray started here: quiet (above), and Ray's state API pointed at this Ray.
+
+    Without RAY_ADDRESS the state API reads the address of the last `ray start` from Ray's temp folder
+    (`ray_current_cluster`), which a `ray start` never stopped leaves behind; cluster_address ignores such a
+    record, but Ray Train's placement-group cleaner, in a worker, waited 40 s on the dead address and printed a
+    30-line GCS timeout traceback into every local run.
+    """
+    quiet_ray_process()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller from the driver's environment
@@ -141,7 +153,7 @@ def connect_or_start_ray(min_cpus: float = 0, join_existing: bool = True) -> boo
         num_cpus=local_cpus(min_cpus),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_process"},
+        runtime_env={"worker_process_setup_hook": f"{__name__}.setup_local_worker"},
     )
     return True
 
