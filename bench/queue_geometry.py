@@ -3,7 +3,7 @@ predictions each class has, how narrow a cone the embeddings fill, and how close
 sits to the head class's. A tail class whose mean direction coincides with the head's cannot be told from it
 by the proto-loss, whatever the classifier does.
 
-    .venv/bin/python bench/queue_geometry.py RUNS/t2-e30/proco_paper_seed0/checkpoint_epoch_0030 [more ...]
+    .venv/bin/python bench/queue_geometry.py RUNS/t2-e30/proco_paper_seed0/checkpoint_epoch_0030 [more ...] [--reference NV]
 
 Prints one markdown table per checkpoint. Needs no Ray and no data: the queue is in the checkpoint.
 """
@@ -39,6 +39,7 @@ def queue_geometry(feats: torch.Tensor, labels: torch.Tensor, preds: torch.Tenso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="checkpoint directories of a ProCo run")
+    parser.add_argument("--reference", help="the class every class's mean is compared with (default: the queue's largest)")
     args = parser.parse_args()
     for directory in args.checkpoints:
         state = load_checkpoint(directory)
@@ -49,7 +50,9 @@ def main() -> None:
         geometry = queue_geometry(
             method["queue.feats"][:filled], method["queue.labels"][:filled], method["queue.preds"][:filled], len(names)
         )
-        head = int(geometry["entries"].argmax())
+        if args.reference is not None and args.reference not in names:
+            raise SystemExit(f"--reference {args.reference}: not a class of {directory} ({', '.join(names)})")
+        head = names.index(args.reference) if args.reference else int(geometry["entries"].argmax())
         rows = [
             {
                 "class": name,
