@@ -46,7 +46,7 @@ def main() -> None:
         method, names = state["method"], list(state["class_names"])
         if "queue.feats" not in method:
             raise SystemExit(f"{directory}: no sample queue in this checkpoint (not a ProCo run)")
-        filled = int(method["queue.filled"]) if "queue.filled" in method else len(method["queue.labels"])
+        filled = int(method["queue.filled"])
         geometry = queue_geometry(
             method["queue.feats"][:filled], method["queue.labels"][:filled], method["queue.preds"][:filled], len(names)
         )

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from proco_ray.experiments.stats import parse_trial_name
-from proco_ray.metric_keys import LAST_TEST_MACRO_F1, TEST_MACRO_F1
+from proco_ray.metric_keys import LAST_TEST, LAST_TEST_MACRO_F1, TEST
 
-READINGS = {"best-validation epoch": TEST_MACRO_F1, "last epoch": LAST_TEST_MACRO_F1}
+READINGS = {"best-validation epoch": TEST, "last epoch": LAST_TEST}  # the prefix of each reading's test metrics
 
 
 @dataclass(frozen=True)
@@ -62,19 +62,22 @@ def finished_trials(folder: Path) -> dict[str, dict[int, dict[str, Any]]]:
         history = json.loads(history_file.read_text())
         if trial is None or not history or (history_file.parent / "error.txt").exists():
             continue
-        if READINGS["last epoch"] in history[-1]:
+        if LAST_TEST_MACRO_F1 in history[-1]:
             variant, seed = trial
             out.setdefault(variant, {})[seed] = history[-1]
     return out
+
+
+def metric_by_seed(seeds: Mapping[int, Mapping[str, Any]], key: str) -> dict[int, float]:
+    """{seed: value of `key`} over the trials of one variant that reported it."""
+    return {seed: float(last[key]) for seed, last in seeds.items() if key in last}
 
 
 def sweep_readings(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
     """{variant: {reading: {seed: test macro-F1}}} of the finished trials of a local-sweep folder."""
     return {
         variant: {
-            reading: values
-            for reading, key in READINGS.items()
-            if (values := {seed: float(last[key]) for seed, last in seeds.items() if key in last})
+            reading: values for reading, prefix in READINGS.items() if (values := metric_by_seed(seeds, f"{prefix}/macro_f1"))
         }
         for variant, seeds in finished_trials(folder).items()
     }

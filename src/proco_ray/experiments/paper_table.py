@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from proco_ray.experiments.length import difference_cells, finished_trials, paired_difference
+from proco_ray.experiments.length import READINGS, difference_cells, finished_trials, metric_by_seed, paired_difference
 from proco_ray.experiments.stats import format_mean_std, mean_std
-from proco_ray.metric_keys import BEST_VAL_MACRO_F1, HEADLINE, LAST_TEST, TEST
+from proco_ray.metric_keys import BEST_VAL_MACRO_F1, HEADLINE, TEST
 
 # Table 2 of the paper (ResNet-50, 224 px, 1,000 epochs on ISIC 2018 and 2,000 on APTOS 2019, a random stratified
 # 7:3 split): (accuracy, F1) per method under our registry's names.
@@ -54,7 +54,6 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
     },
 }
 PROCO_FORMS = {"proco": "proco", "proco_paper": "proco"}  # our variant -> the paper's row it stands for
-READINGS = {"best-validation epoch": TEST, "last epoch": LAST_TEST}
 PERMUTATIONS = 100_000  # random pairings for the correlation's p-value when n! is larger (n > 8)
 
 
@@ -73,10 +72,6 @@ def read_sweeps(folders: Sequence[Path]) -> Trials:
                     raise ValueError(f"{variant} seed {seed} is finished in more than one of the folders given ({folder})")
                 trials.setdefault(variant, {})[seed] = last
     return trials
-
-
-def metric_by_seed(seeds: Mapping[int, Mapping[str, Any]], key: str) -> dict[int, float]:
-    return {seed: float(last[key]) for seed, last in seeds.items() if key in last}
 
 
 def ranks(scores: Mapping[str, float]) -> dict[str, float]:
@@ -141,10 +136,10 @@ def rank_correlation(
     if len(methods) < 3:
         return RankCorrelation(methods, math.nan, math.nan, math.nan, math.nan)
     rng = np.random.default_rng(seed)
+    seeds = [np.array(list(ours[m].values())) for m in methods]
     samples = []
     for _ in range(resamples):
-        means = [float(np.mean(rng.choice(list(ours[m].values()), size=len(ours[m])))) for m in methods]
-        samples.append(spearman_rho(x, means))
+        samples.append(spearman_rho(x, [float(rng.choice(values, size=len(values)).mean()) for values in seeds]))
     low, high = np.nanpercentile(samples, [2.5, 97.5])
     return RankCorrelation(methods, spearman_rho(x, y), spearman_p_value(x, y, seed), float(low), float(high))
 
@@ -186,7 +181,8 @@ def paper_table(trials: Trials, dataset: str) -> str:
     paper = PAPER_TABLE2[dataset]
     f1 = {variant: metric_by_seed(seeds, f"{TEST}/macro_f1") for variant, seeds in trials.items()}
     our_rank = ranks({v: statistics.fmean(s.values()) for v, s in f1.items() if s})
-    paper_rank = ranks({m: f for m, (_, f) in paper.items()})
+    paper_f1 = {method: f1_score for method, (_, f1_score) in paper.items()}
+    paper_rank = ranks(paper_f1)
     order = [form for method in paper for form in (_forms_of(method) or [method])]
     order += [variant for variant in trials if variant not in order]
 
@@ -198,12 +194,12 @@ def paper_table(trials: Trials, dataset: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in order:
         row_of = PROCO_FORMS.get(variant, variant)
-        accuracy, paper_f1 = paper.get(row_of, (math.nan, math.nan))
         seeds = trials.get(variant, {})
         cells = [f"`{variant}`"]
-        cells += (
-            ["–", "–", "–"] if row_of not in paper else [f"{accuracy:.3f}", f"{paper_f1:.3f}", _rank_cell(paper_rank[row_of])]
-        )
+        if row_of in paper:
+            cells += [f"{paper[row_of][0]:.3f}", f"{paper_f1[row_of]:.3f}", _rank_cell(paper_rank[row_of])]
+        else:
+            cells += ["–", "–", "–"]
         cells += [_cell(metric_by_seed(seeds, f"{prefix}/{name}")) for _, prefix, name in metrics]
         cells += [_rank_cell(our_rank.get(variant)), str(len(seeds))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -211,11 +207,7 @@ def paper_table(trials: Trials, dataset: str) -> str:
     lines += ["", "Rank correlation with the paper's F1 ordering (our test macro-F1, best-validation epoch):"]
     for form in PROCO_FORMS:
         ours = {PROCO_FORMS.get(v, v): f1[v] for v in f1 if v == form or v not in PROCO_FORMS}
-        lines.append(
-            _correlation_line(
-                f"with `{form}` as the paper's ProCo", rank_correlation({m: f for m, (_, f) in paper.items()}, ours)
-            )
-        )
+        lines.append(_correlation_line(f"with `{form}` as the paper's ProCo", rank_correlation(paper_f1, ours)))
 
     baselines = strongest_baselines(trials)
     lines += [
